@@ -1,0 +1,150 @@
+"""Where data and weights come from: one resolution order for every file the project reads.
+
+For a named source the search order is
+
+1. an explicit path given by the caller (CLI flag or argument);
+2. ``$DORMANT_DATA`` -- a directory laid out like ``../shared/data``;
+3. ``../shared/data`` next to the project checkout (and next to the current directory);
+4. the user cache, ``$DORMANT_CACHE`` or ``~/.cache/dormant``;
+5. a download into that cache from the source's public URL (skipped when ``DORMANT_OFFLINE=1``).
+
+When everything fails, :class:`DataNotFoundError` lists every place that was looked at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataSource", "DataNotFoundError", "SOURCES", "resolve", "data_roots", "cache_dir"]
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data file or folder could not be found locally nor downloaded."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A named file or folder the project reads.
+
+    Attributes:
+        relpaths: candidate paths relative to a data root, most preferred first.
+        url: public download URL (a file, or a ``.zip`` archive holding ``member``); ``None`` if there is none.
+        member: path of the file inside the downloaded zip archive.
+        sha256: optional checksum of the downloaded file (checked after download).
+        note: shown in the error message when the source cannot be found.
+    """
+
+    relpaths: tuple[str, ...]
+    url: str | None = None
+    member: str | None = None
+    sha256: str | None = None
+    note: str = ""
+
+
+_WIKITEXT_ZIP = "https://wikitext.smerity.com/wikitext-2-raw-v1.zip"
+SOURCES: dict[str, DataSource] = {
+    "wikitext2-test": DataSource(("wikitext-2/wiki.test.raw",), _WIKITEXT_ZIP, "wikitext-2-raw/wiki.test.raw"),
+    # The raw validation split when present; the shared folder only carries its tokenized form.
+    "wikitext2-valid": DataSource(
+        ("wikitext-2/wiki.valid.raw", "wikitext-2/tokens/valid.txt"), _WIKITEXT_ZIP, "wikitext-2-raw/wiki.valid.raw"
+    ),
+    "stories260k": DataSource(
+        ("llm/stories260K/hf",),
+        note="the Hugging Face conversion of karpathy's stories260K (tinyllamas); give its folder with --model",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DORMANT_CACHE", Path.home() / ".cache" / "dormant"))
+
+
+def data_roots() -> list[Path]:
+    """Data roots in search order (steps 2-4 above); entries may not exist."""
+    roots = []
+    if os.environ.get("DORMANT_DATA"):
+        roots.append(Path(os.environ["DORMANT_DATA"]))
+    here = Path(__file__).resolve()
+    if len(here.parents) > 3:  # src/dormant/data.py in a checkout -> <checkout>/../shared/data
+        roots.append(here.parents[3] / "shared" / "data")
+    roots.append(Path.cwd().parent / "shared" / "data")
+    roots.append(cache_dir())
+    seen, out = set(), []
+    for r in roots:
+        key = str(r.resolve()) if r.exists() else str(r)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def resolve(name: str, path: str | os.PathLike | None = None, download: bool | None = None) -> Path:
+    """Return a local path for data source ``name`` (see the module docstring for the search order).
+
+    Args:
+        name: a key of :data:`SOURCES`.
+        path: an explicit path; if given it must exist (nothing else is tried).
+        download: allow step 5; defaults to ``DORMANT_OFFLINE`` not being ``1``.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise DataNotFoundError(f"{name}: the given path {p} does not exist")
+        return p
+    if name not in SOURCES:
+        raise KeyError(f"unknown data source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    src = SOURCES[name]
+    tried = []
+    for root in data_roots():
+        for rel in src.relpaths:
+            p = root / rel
+            if p.exists():
+                return p
+            tried.append(str(p))
+    if download is None:
+        download = os.environ.get("DORMANT_OFFLINE", "0") != "1"
+    failure = "no public URL known" if src.url is None else "download disabled (DORMANT_OFFLINE=1)"
+    if src.url is not None and download:
+        try:
+            return _download(src, cache_dir() / src.relpaths[0])
+        except Exception as e:  # network errors come in many types
+            failure = f"download from {src.url} failed: {type(e).__name__}: {e}"
+    lines = "\n  ".join(tried)
+    raise DataNotFoundError(
+        f"could not find data {name!r}. Looked in:\n  {lines}\n{failure}.\n"
+        f"Set DORMANT_DATA to a folder laid out like ../shared/data, or pass an explicit path. {src.note}"
+    )
+
+
+def _download(src: DataSource, dest: Path, timeout: float = 30.0) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    blob = cache_dir() / "downloads" / Path(src.url).name
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    if not blob.exists():
+        tmp = blob.with_suffix(blob.suffix + ".part")
+        with urllib.request.urlopen(src.url, timeout=timeout) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+        if src.sha256 and _sha256(tmp) != src.sha256:
+            tmp.unlink()
+            raise OSError(f"checksum mismatch for {src.url}")
+        os.replace(tmp, blob)
+    if src.member is None:
+        shutil.copyfile(blob, dest)
+    else:
+        with zipfile.ZipFile(blob) as z, z.open(src.member) as m, open(dest, "wb") as f:
+            shutil.copyfileobj(m, f)
+    return dest
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,120 @@
+"""Apply thresholds in place (``sparsify_``), undo them (``unsparsify_``), and measure sparsity.
+
+``sparsify_`` registers one forward hook per thresholded tap that zeroes entries with ``|a| < T``
+(``masked_fill``, so NaNs pass through and ``T = 0`` leaves every value bit-identical). No module
+is replaced and no forward is patched: parameter names, ``state_dict``, ``generate()`` and the KV
+cache behave as before, and prefill and decode tokens are thresholded alike (as in the paper).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
+from dormant.llm.hooks import register_tap_hooks, tap_hooks
+from dormant.llm.thresholds import Thresholds
+
+__all__ = ["sparsify_", "unsparsify_", "is_sparsified", "active_thresholds", "SparsityMeter", "measure_sparsity"]
+
+
+@dataclass
+class _State:
+    thresholds: Thresholds
+    handles: list
+
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+
+
+def sparsify_(model: nn.Module, thresholds: Thresholds, model_id: str | None = None) -> nn.Module:
+    """Enforce ``thresholds`` on ``model`` in place (validated against the model first). Returns ``model``."""
+    layout = ffn_layout(model)
+    thresholds.validate(layout, model_id)
+    if model in _ACTIVE:
+        unsparsify_(model)
+    table = {(layer, tap): thresholds.value(layer, tap) for layer in range(layout.n_layers) for tap in thresholds.taps}
+
+    def enforce(layer: int, tap: Tap, x: torch.Tensor) -> torch.Tensor | None:
+        t = table[(layer, tap)]
+        return x.masked_fill(x.abs() < t, 0) if t > 0 else None
+
+    _ACTIVE[model] = _State(thresholds, register_tap_hooks(layout, thresholds.taps, enforce))
+    return model
+
+
+def unsparsify_(model: nn.Module) -> nn.Module:
+    """Remove the thresholds ``sparsify_`` installed (no-op on a dense model). Returns ``model``."""
+    state = _ACTIVE.pop(model, None)
+    if state is not None:
+        for h in state.handles:
+            h.remove()
+    return model
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return model in _ACTIVE
+
+
+def active_thresholds(model: nn.Module) -> Thresholds | None:
+    state = _ACTIVE.get(model)
+    return None if state is None else state.thresholds
+
+
+class SparsityMeter:
+    """Counts exact zeros per (layer, tap) in the forward passes run while it is active.
+
+    ``MID`` is always measured: its zero fraction is the **neuron-level sparsity**, the fraction of
+    FFN neurons (per token) whose weights in ``down`` need not be read.
+    """
+
+    def __init__(self, layout: FFNLayout, taps: Sequence[Tap]):
+        self.layout = layout
+        self.taps = tuple(dict.fromkeys((*taps, Tap.MID)))
+        self.zeros = torch.zeros(layout.n_layers, len(self.taps), dtype=torch.float64)
+        self.total = torch.zeros(layout.n_layers, len(self.taps), dtype=torch.float64)
+        self._pending: list[tuple[int, int, torch.Tensor, int]] = []
+
+    def observe(self, layer: int, tap: Tap, x: torch.Tensor) -> None:
+        j = self.taps.index(tap)
+        self._pending.append((layer, j, (x == 0).sum(), x.numel()))
+        if len(self._pending) > 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        for layer, j, z, n in self._pending:
+            self.zeros[layer, j] += float(z)
+            self.total[layer, j] += n
+        self._pending.clear()
+
+    def fraction(self) -> torch.Tensor:
+        """``[n_layers, n_taps]`` zero fraction."""
+        self._flush()
+        return self.zeros / self.total.clamp(min=1)
+
+    def summary(self) -> dict:
+        frac = self.fraction()
+        out = {
+            "per_tap": {t.value: float(frac[:, j].mean()) for j, t in enumerate(self.taps)},
+            "per_layer": {t.value: frac[:, j].tolist() for j, t in enumerate(self.taps)},
+            "neuron": float(frac[:, self.taps.index(Tap.MID)].mean()),
+        }
+        return out
+
+
+@contextmanager
+def measure_sparsity(model: nn.Module, taps: Sequence[Tap] = ()) -> Iterator[SparsityMeter]:
+    """Measure zero fractions at ``taps`` (and ``MID``) during the enclosed forward passes.
+
+    Hooks registered here run after those of :func:`sparsify_`, so they see the thresholded tensors.
+    """
+    layout = ffn_layout(model)
+    meter = SparsityMeter(layout, taps)
+    with tap_hooks(layout, meter.taps, meter.observe):
+        yield meter
+    meter._flush()

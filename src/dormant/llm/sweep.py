@@ -1,0 +1,212 @@
+"""The sparsity-perplexity trade-off: calibrate once per site, then evaluate every target sparsity.
+
+Each finished point is appended to ``results.jsonl`` in the output folder as soon as it is measured;
+activation statistics are cached per site. A rerun with the same configuration skips what is done,
+so an interrupted sweep resumes where it stopped. The sweep ends with ``report.md`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dormant.artifacts import ArtifactError, append_jsonl, read_jsonl
+from dormant.config import field
+from dormant.llm.models import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CalibConfig", "EvalConfig", "SweepConfig", "run_sweep", "load_eval_windows", "load_calib_windows"]
+
+
+@dataclass
+class CalibConfig:
+    calib_data: str = field("wikitext2-valid", help="calibration text: wikitext2-valid, wikitext2-test or a file")
+    calib_windows: int = field(16, help="number of calibration windows")
+    calib_seqlen: int = field(2048, help="tokens per calibration window")
+    calib_on_eval: bool = field(False, help="calibrate on the evaluation windows themselves (the paper's protocol)")
+
+
+@dataclass
+class EvalConfig:
+    data: str = field("wikitext2-test", help="evaluation text: wikitext2-test, wikitext2-valid or a file")
+    seqlen: int = field(2048, help="tokens per evaluation window")
+    max_windows: int | None = field(None, help="evaluate at most this many windows (all if unset)")
+    batch_size: int = field(1, help="windows per forward pass")
+    bos: str = field("auto", help="prepend BOS to each window: auto | always | never")
+
+
+@dataclass
+class SweepConfig:
+    model: ModelConfig
+    calib: CalibConfig
+    eval: EvalConfig
+    sites: list[str] = field(default_factory=lambda: ["paper", "intermediate"], help="sites to sweep")
+    sparsity: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.35, 0.4, 0.45, 0.5], help="target sparsities")
+    out: str = field("runs/sweep", help="output folder (results.jsonl, report.md, sweep.png)")
+    progress: bool = field(True, help="show progress bars")
+
+    def key(self) -> str:
+        """Identity of the measurement: points measured under another key are not mixed in."""
+        d = {"model": self.model.model, "dtype": self.model.dtype, "calib": asdict(self.calib), "eval": asdict(self.eval)}
+        d["eval"].pop("batch_size")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_eval_windows(tokenizer, cfg: EvalConfig):
+    from dormant.llm.text import load_text, make_windows
+
+    return make_windows(tokenizer, load_text(cfg.data), cfg.seqlen, cfg.max_windows, bos=cfg.bos, source=cfg.data)
+
+
+def load_calib_windows(tokenizer, cfg: CalibConfig, eval_windows=None, bos: str = "auto"):
+    """Calibration windows; disjoint from evaluation unless ``calib_on_eval`` (then they *are* the eval windows)."""
+    from dormant.llm.text import load_text, make_windows
+
+    if cfg.calib_on_eval:
+        if eval_windows is None:
+            raise ValueError("calib_on_eval needs the evaluation windows")
+        log.warning("calibrating on the evaluation text (calib_on_eval, the paper's protocol): results are not held-out")
+        return eval_windows
+    w = make_windows(tokenizer, load_text(cfg.calib_data), cfg.calib_seqlen, cfg.calib_windows, bos=bos,
+                     source=cfg.calib_data)
+    if eval_windows is not None and cfg.calib_data == eval_windows.source:
+        raise ValueError(
+            f"calibration and evaluation both read {cfg.calib_data!r}; choose another --calib-data, "
+            "or pass --calib-on-eval to reproduce the paper's protocol knowingly"
+        )
+    return w
+
+
+def _calib_description(cfg: CalibConfig, windows) -> dict[str, Any]:
+    d = windows.describe()
+    d["calib_on_eval"] = cfg.calib_on_eval
+    return d
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep; returns all records of this configuration."""
+    from dormant.llm.adapters import ffn_layout
+    from dormant.llm.models import load_model
+    from dormant.llm.perplexity import perplexity
+    from dormant.llm.sites import site_taps
+    from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
+    from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats
+
+    for site in cfg.sites:
+        site_taps(site)  # fail early on a bad site name
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    key = cfg.key()
+    old = read_jsonl(results)
+    if any(r.get("key") != key for r in old):
+        raise ArtifactError(f"{results} holds points of another sweep configuration; use another --out")
+    done = {(r["site"], r["target"]) for r in old}
+    todo = [(s, t) for s in cfg.sites for t in cfg.sparsity if t > 0 and (s, t) not in done]
+    need_dense = 0.0 in cfg.sparsity and ("dense", 0.0) not in done
+    if not todo and not need_dense:
+        log.info("all %d points already measured in %s", len(old), results)
+        write_sweep_report(out, old, cfg)
+        return old
+
+    model, tokenizer, info = load_model(cfg.model)
+    layout = ffn_layout(model)
+    ev = load_eval_windows(tokenizer, cfg.eval)
+    cal = load_calib_windows(tokenizer, cfg.calib, ev, bos=cfg.eval.bos)
+    base = {"key": key, "model": info, "eval": ev.describe(), "calibration": _calib_description(cfg.calib, cal)}
+
+    def evaluate(site: str, target: float, taps) -> dict[str, Any]:
+        with measure_sparsity(model, taps) as meter:
+            r = perplexity(model, ev.ids, cfg.eval.batch_size, progress=cfg.progress)
+        m = meter.summary()
+        site_sparsity = sum(m["per_tap"][t.value] for t in taps) / len(taps) if taps else 0.0
+        rec = {**base, "site": site, "target": target, **r.to_dict(), "site_sparsity": site_sparsity,
+               "neuron_sparsity": m["neuron"], "per_tap": m["per_tap"], "per_layer": m["per_layer"],
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        append_jsonl(results, rec)
+        log.info("%s @ %.2f: ppl %.3f, site sparsity %.3f, neuron sparsity %.3f", site, target, r.ppl,
+                 site_sparsity, m["neuron"])
+        return rec
+
+    if need_dense:
+        evaluate("dense", 0.0, ())
+    for site in cfg.sites:
+        targets = [t for s, t in todo if s == site]
+        if not targets:
+            continue
+        taps = site_taps(site, layout)
+        stats_path = out / f"stats_{site}.safetensors"
+        try:
+            stats = ActivationStats.load(stats_path)
+        except ArtifactError:
+            stats = collect_stats(model, cal.ids, taps, StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
+                                  model_id=info["id"], data=_calib_description(cfg.calib, cal))
+            stats.save(stats_path)
+        for target in targets:
+            thr = stats.thresholds(target, site)
+            thr.save(out / f"thresholds_{site}_{target:g}.safetensors")
+            sparsify_(model, thr, info["id"])
+            try:
+                evaluate(site, target, taps)
+            finally:
+                unsparsify_(model)
+    records = read_jsonl(results)
+    write_sweep_report(out, records, cfg)
+    return records
+
+
+def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfig | None = None) -> Path:
+    """``report.md`` (table) and ``sweep.png`` (perplexity and measured sparsity vs target) from records."""
+    from dormant.report import markdown_table, new_figure, save_figure, write_markdown
+
+    if not records:
+        raise ValueError("no sweep records to report")
+    dense = next((r for r in records if r["site"] == "dense"), None)
+    sites = list(dict.fromkeys(r["site"] for r in records if r["site"] != "dense"))
+    rows = []
+    if dense:
+        rows.append(["dense", 0.0, dense["ppl"], "", 0.0, dense["neuron_sparsity"]])
+    for site in sites:
+        for r in sorted((r for r in records if r["site"] == site), key=lambda r: r["target"]):
+            delta = f"{100 * (r['ppl'] / dense['ppl'] - 1):+.1f}%" if dense else ""
+            rows.append([site, r["target"], r["ppl"], delta, r["site_sparsity"], r["neuron_sparsity"]])
+    first = records[0]
+    ev, cal = first["eval"], first["calibration"]
+    held_out = "**no** -- calibrated on the evaluation windows (paper protocol)" if cal.get("calib_on_eval") else (
+        f"yes -- {cal['windows']} windows of {cal['seqlen']} tokens from {cal['source']}")
+    text = [
+        f"# Sparsity vs perplexity: {first['model']['id']}\n",
+        f"- evaluation: {ev['windows']} windows x {ev['seqlen']} tokens of {ev['source']} (BOS per window: {ev['bos']})",
+        f"- calibration held out: {held_out}",
+        f"- device {first['model']['device']}, dtype {first['model']['dtype']}\n",
+        "Site sparsity = measured zero fraction of the thresholded tensors (mean over layers and taps); neuron "
+        "sparsity = fraction of FFN intermediate entries (neurons per token) that are zero.\n",
+        markdown_table(["site", "target", "perplexity", "vs dense", "site sparsity", "neuron sparsity"], rows),
+        "![sweep](sweep.png)\n",
+    ]
+    write_markdown(out / "report.md", "\n".join(text))
+    fig, ax = new_figure(1, 2, size=(5.5, 4))
+    for site in sites:
+        rs = sorted((r for r in records if r["site"] == site), key=lambda r: r["target"])
+        xs = ([0.0] if dense else []) + [r["target"] for r in rs]
+        ax[0, 0].plot(xs, ([dense["ppl"]] if dense else []) + [r["ppl"] for r in rs], "o-", label=site)
+        line = ax[0, 1].plot([r["target"] for r in rs], [r["site_sparsity"] for r in rs], "o-", label=f"{site}: site")[0]
+        ax[0, 1].plot([r["target"] for r in rs], [r["neuron_sparsity"] for r in rs], "s--", color=line.get_color(),
+                      label=f"{site}: neuron")
+    ax[0, 0].set(xlabel="target sparsity", ylabel="WikiText-2 perplexity", title="perplexity")
+    ax[0, 1].plot([0, max(r["target"] for r in records)], [0, max(r["target"] for r in records)], ":", color="gray",
+                  label="target")
+    ax[0, 1].set(xlabel="target sparsity", ylabel="measured zero fraction", title="measured sparsity")
+    for a in ax[0]:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    save_figure(fig, out / "sweep.png")
+    return out / "report.md"
+
+

@@ -1,0 +1,92 @@
+"""Text corpora and their cutting into fixed-length token windows (GPTQ / AWQ protocol).
+
+WikiText-2 is read as the Hugging Face row list joined with ``"\\n\\n"`` (the usual GPTQ recipe) and
+tokenised as one stream. Windows are non-overlapping and the tail shorter than a window is dropped.
+When the tokenizer normally starts a text with BOS (Llama-style tokenizers), each window is
+``[BOS] + seqlen-1`` text tokens, so every window looks like the start of a document to the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dormant.data import resolve
+
+__all__ = ["CORPORA", "load_text", "Windows", "make_windows", "tokenizer_adds_bos"]
+
+CORPORA = {
+    "wikitext2-test": "WikiText-2 raw test split",
+    "wikitext2-valid": "WikiText-2 validation split",
+}
+
+
+def load_text(source: str, path: str | None = None) -> str:
+    """Text of a corpus: a name from :data:`CORPORA` (resolved by :func:`dormant.data.resolve`) or a file path."""
+    if source in CORPORA:
+        p = resolve(source, path)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise FileNotFoundError(f"text source {source!r} is neither a known corpus ({', '.join(CORPORA)}) nor a file")
+    raw = p.read_text(encoding="utf-8")
+    rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
+    return "\n\n".join(rows)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > 0 and ids[0] == bos
+
+
+@dataclass
+class Windows:
+    """``ids`` ``[n, seqlen]`` token windows; ``bos``: whether each starts with an added BOS."""
+
+    ids: torch.Tensor
+    bos: bool
+    source: str
+    skipped: int = 0  # windows at the start of the stream that were left out
+
+    def describe(self) -> dict:
+        n, seqlen = self.ids.shape
+        return {"source": self.source, "windows": n, "seqlen": seqlen, "bos": self.bos, "skipped": self.skipped}
+
+
+def make_windows(
+    tokenizer,
+    text: str,
+    seqlen: int,
+    max_windows: int | None = None,
+    skip: int = 0,
+    bos: str = "auto",
+    source: str = "",
+) -> Windows:
+    """Cut ``text`` into non-overlapping ``seqlen``-token windows.
+
+    Args:
+        skip: leave out the first ``skip`` windows (e.g. those used for calibration).
+        bos: ``"auto"`` (prepend BOS if the tokenizer adds one), ``"always"`` or ``"never"``.
+    """
+    if seqlen < 2:
+        raise ValueError("seqlen must be at least 2")
+    if bos not in ("auto", "always", "never"):
+        raise ValueError("bos must be 'auto', 'always' or 'never'")
+    add_bos = tokenizer_adds_bos(tokenizer) if bos == "auto" else bos == "always"
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError("bos='always' but the tokenizer has no BOS token")
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    body = seqlen - 1 if add_bos else seqlen
+    n = stream.numel() // body
+    if n <= skip:
+        raise ValueError(f"text gives {n} windows of {seqlen} tokens; cannot skip {skip}")
+    stop = n if max_windows is None else min(n, skip + max_windows)
+    ids = stream[skip * body : stop * body].view(-1, body)
+    if add_bos:
+        ids = torch.cat([torch.full((ids.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long), ids], dim=1)
+    return Windows(ids, add_bos, source, skip)

@@ -1,0 +1,155 @@
+"""Per-layer, per-tap zero-enforcing thresholds: the versioned artifact and the calibration verb.
+
+Rule (paper Eq. 7): an activation ``a`` at a thresholded tap becomes 0 when ``|a| < T[l, tap]`` and is
+kept otherwise. ``T`` is the ``target``-quantile of ``|a|`` on calibration text, so a fraction
+``target`` of the entries of every thresholded tensor becomes zero (paper Eqs. 1-6: the
+``100*alpha``-th percentile over all tokens and neurons of the layer, computed per tap).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dormant.artifacts import ArtifactError, load_artifact, save_artifact
+from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
+
+__all__ = ["Thresholds", "calibrate", "normalize_targets"]
+
+
+def normalize_targets(sparsity: float | Sequence[float] | dict[int, float], n_layers: int) -> torch.Tensor:
+    """One target for all layers, a per-layer list, or ``{layer: target}`` (others 0) -> ``[n_layers]``."""
+    if isinstance(sparsity, dict):
+        t = torch.zeros(n_layers, dtype=torch.float64)
+        for layer, v in sparsity.items():
+            if not 0 <= int(layer) < n_layers:
+                raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model")
+            t[int(layer)] = float(v)
+    elif isinstance(sparsity, (int, float)):
+        t = torch.full((n_layers,), float(sparsity), dtype=torch.float64)
+    else:
+        t = torch.tensor([float(v) for v in sparsity], dtype=torch.float64)
+        if len(t) != n_layers:
+            raise ValueError(f"got {len(t)} per-layer targets for a {n_layers}-layer model")
+    if ((t < 0) | (t >= 1)).any():
+        raise ValueError("target sparsities must lie in [0, 1)")
+    return t
+
+
+@dataclass
+class Thresholds:
+    """Zero-enforcing thresholds of one model and site. Version 1.
+
+    Attributes:
+        values: ``[n_layers, n_taps]`` float32 thresholds ``T``.
+        targets: ``[n_layers]`` target sparsity each layer was calibrated for.
+        taps: the thresholded taps (the columns of ``values``).
+        site: the site name (see :mod:`dormant.llm.sites`).
+        model: what the thresholds were calibrated on (:meth:`FFNLayout.describe` plus ``id``).
+        calibration: description of the calibration text (source, windows, seqlen, tokens, calib_on_eval).
+    """
+
+    values: torch.Tensor
+    targets: torch.Tensor
+    taps: tuple[Tap, ...]
+    site: str
+    model: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    KIND = "dormant.Thresholds"
+    VERSION = 1
+
+    def __post_init__(self):
+        self.values = torch.as_tensor(self.values, dtype=torch.float32)
+        self.targets = torch.as_tensor(self.targets, dtype=torch.float64)
+        if self.values.shape != (len(self.targets), len(self.taps)):
+            raise ValueError(f"values {tuple(self.values.shape)} do not match {len(self.targets)} layers x {len(self.taps)} taps")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.targets)
+
+    def value(self, layer: int, tap: Tap) -> float:
+        return float(self.values[layer, self.taps.index(tap)])
+
+    def scaled(self, factor: float) -> Thresholds:
+        """The same thresholds multiplied by ``factor`` (``0`` gives the dense model exactly)."""
+        return Thresholds(self.values * factor, self.targets, self.taps, self.site, self.model, self.calibration)
+
+    def validate(self, layout: FFNLayout, model_id: str | None = None) -> None:
+        """Raise :class:`ArtifactError` if these thresholds were calibrated on another architecture."""
+        theirs = self.model
+        ours = layout.describe()
+        for key in ("model_type", "n_layers", "hidden_size", "intermediate_size"):
+            if theirs.get(key) != ours[key]:
+                raise ArtifactError(
+                    f"thresholds were calibrated for {theirs.get('id')!r} ({key}={theirs.get(key)}), "
+                    f"but this model has {key}={ours[key]}"
+                )
+        if theirs.get("fingerprint") != ours["fingerprint"]:
+            raise ArtifactError(f"thresholds fingerprint {theirs.get('fingerprint')} != model {ours['fingerprint']}")
+        missing = [t.value for t in self.taps if t not in layout.taps()]
+        if missing:
+            raise ArtifactError(f"this model's FFN has no tap(s) {missing}")
+        if model_id and theirs.get("id") and theirs["id"] != model_id:
+            warnings.warn(f"thresholds were calibrated on {theirs['id']!r}, applying them to {model_id!r}", stacklevel=2)
+        if not torch.isfinite(self.values).all() or (self.values < 0).any():
+            raise ArtifactError("thresholds contain negative or non-finite values")
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            "taps": [t.value for t in self.taps],
+            "site": self.site,
+            "model": self.model,
+            "calibration": self.calibration,
+        }
+        return save_artifact(path, self.KIND, self.VERSION, {"values": self.values, "targets": self.targets}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        tensors, meta, _ = load_artifact(path, cls.KIND, (cls.VERSION,))
+        try:
+            return cls(
+                values=tensors["values"],
+                targets=tensors["targets"],
+                taps=tuple(Tap(t) for t in meta["taps"]),
+                site=meta["site"],
+                model=meta["model"],
+                calibration=meta.get("calibration", {}),
+            )
+        except (KeyError, ValueError) as e:
+            raise ArtifactError(f"{path}: inconsistent Thresholds artifact ({e})") from e
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "taps": [t.value for t in self.taps],
+            "mean_target": float(self.targets.mean()),
+            "threshold_first_layer": self.values[0].tolist(),
+            "threshold_last_layer": self.values[-1].tolist(),
+            "calibration": self.calibration,
+        }
+
+
+def calibrate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    site: str,
+    sparsity: float | Sequence[float] | dict[int, float],
+    model_id: str | None = None,
+    data: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Thresholds:
+    """Collect |a| statistics at ``site``'s taps over ``windows`` and read thresholds for ``sparsity``."""
+    from dormant.llm.sites import site_taps
+    from dormant.llm.stats import StatsConfig, collect_stats
+
+    taps = site_taps(site, ffn_layout(model))
+    stats = collect_stats(model, windows, taps, StatsConfig(progress=progress), model_id=model_id, data=data)
+    return stats.thresholds(sparsity, site)

@@ -102,13 +102,21 @@ def collect_trace(
     source: dict[str, Any] | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    tap: Tap = Tap.MID,
 ) -> ActivationTrace:
-    """Record the active-neuron masks of ``model`` (dense or sparsified) over ``windows`` ``[n, seqlen]``."""
+    """Record the non-zero masks of ``model`` (dense or sparsified) over ``windows`` ``[n, seqlen]``.
+
+    By default the tap is ``MID`` (active neurons); ``tap=Tap.ACT`` records where ``act(gate)`` is
+    non-zero, what a gate-first executor knows before touching ``up``. Only intermediate-sized taps
+    (``GATE``, ``UP``, ``ACT``, ``MID``) make sense here.
+    """
     from tqdm.auto import tqdm
 
     from dormant.llm.sparsify import active_thresholds
 
     layout = ffn_layout(model)
+    if tap not in (Tap.GATE, Tap.UP, Tap.ACT, Tap.MID) or tap not in layout.taps():
+        raise ValueError(f"tap {tap.value!r} is not an intermediate-sized tap of this FFN")
     chunks: list[list[torch.Tensor]] = [[] for _ in range(layout.n_layers)]
 
     def record(layer: int, tap: Tap, x: torch.Tensor) -> None:
@@ -118,12 +126,12 @@ def collect_trace(
     limit = max_tokens or windows.numel()
     n_windows = min(len(windows), -(-limit // windows.shape[1]))
     t0 = time.perf_counter()
-    with tap_hooks(layout, [Tap.MID], record):
+    with tap_hooks(layout, [tap], record):
         for i in tqdm(range(n_windows), desc="trace", unit="win", disable=not progress):
             model(windows[i : i + 1].to(device), use_cache=False)
     packed = torch.stack([torch.cat(c)[:limit] for c in chunks], dim=1)
     thr = active_thresholds(model)
-    src = {"kind": "oracle", "windows": n_windows, "seqlen": int(windows.shape[1]), "seconds": time.perf_counter() - t0}
+    src = {"kind": "oracle", "tap": tap.value, "windows": n_windows, "seqlen": int(windows.shape[1]), "seconds": time.perf_counter() - t0}
     if thr is not None:
         src["thresholds"] = {"site": thr.site, "mean_target": float(thr.targets.mean()), "calibration": thr.calibration}
     src.update(source or {})

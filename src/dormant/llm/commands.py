@@ -53,13 +53,12 @@ def _calibrate(ns: argparse.Namespace) -> int:
     from dormant.llm.models import load_model
     from dormant.llm.sites import site_taps
     from dormant.llm.stats import StatsConfig, collect_stats
-    from dormant.llm.sweep import load_calib_windows, load_eval_windows
+    from dormant.llm.sweep import load_calib_windows
 
     mc, cc, ec, kc = (config_from_args(c, ns) for c in (ModelConfig, CalibConfig, EvalConfig, CalibrateConfig))
     model, tok, info = load_model(mc)
     taps = site_taps(kc.site, ffn_layout(model))
-    ev = load_eval_windows(tok, ec) if cc.calib_on_eval else None
-    cal = load_calib_windows(tok, cc, ev, bos=ec.bos)
+    cal = load_calib_windows(tok, cc, ec)
     desc = {**cal.describe(), "calib_on_eval": cc.calib_on_eval}
     stats = collect_stats(model, cal.ids, taps, StatsConfig(), model_id=info["id"], data=desc)
     if kc.stats_out:

@@ -51,14 +51,29 @@ class MagnitudeHistogram:
         self.lo_code = (min_exp + 127) << mantissa_bits
         self.hi_code = (max_exp + 127) << mantissa_bits
         self.n_bins = self.hi_code - self.lo_code
-        self.counts = torch.zeros(n_streams, self.n_bins, dtype=torch.int64)
-        self.nonfinite = torch.zeros(n_streams, dtype=torch.int64)
-        self.zeros = torch.zeros(n_streams, dtype=torch.int64)  # |x| < 2**-149 * 2**shift, i.e. exact zeros
+        self._counts = torch.zeros(n_streams, self.n_bins, dtype=torch.int64)
+        self._nonfinite = torch.zeros(n_streams, dtype=torch.int64)
+        self._zeros = torch.zeros(n_streams, dtype=torch.int64)
         self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def n_streams(self) -> int:
-        return self.counts.shape[0]
+        return self._counts.shape[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[n_streams, n_bins]`` int64 bin counts (finite values only)."""
+        return self.sync()._counts
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """``[n_streams]`` number of NaN/Inf values dropped."""
+        return self.sync()._nonfinite
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """``[n_streams]`` number of exact zeros (and float32 subnormals below about ``2**-134``)."""
+        return self.sync()._zeros
 
     def update(self, stream: int, x: torch.Tensor) -> None:
         """Add all elements of ``x`` (any shape, any float dtype, any device) to ``stream``."""
@@ -76,18 +91,18 @@ class MagnitudeHistogram:
     def _device_buffers(self, device: torch.device):
         if device not in self._dev:
             self._dev[device] = (
-                torch.zeros_like(self.counts, device=device),
-                torch.zeros_like(self.nonfinite, device=device),
-                torch.zeros_like(self.zeros, device=device),
+                torch.zeros_like(self._counts, device=device),
+                torch.zeros_like(self._nonfinite, device=device),
+                torch.zeros_like(self._zeros, device=device),
             )
         return self._dev[device]
 
     def sync(self) -> MagnitudeHistogram:
         """Fold per-device accumulators into the CPU tensors (call before reading counts)."""
         for c, n, z in self._dev.values():
-            self.counts += c.cpu()
-            self.nonfinite += n.cpu()
-            self.zeros += z.cpu()
+            self._counts += c.cpu()
+            self._nonfinite += n.cpu()
+            self._zeros += z.cpu()
         self._dev.clear()
         return self
 
@@ -103,7 +118,6 @@ class MagnitudeHistogram:
 
         ``q`` is a scalar or a ``[n_streams]`` tensor. Streams with no data give NaN.
         """
-        self.sync()
         counts = self.counts.double()
         q = torch.as_tensor(q, dtype=torch.float64).expand(self.n_streams)
         if ((q < 0) | (q > 1)).any():
@@ -122,7 +136,6 @@ class MagnitudeHistogram:
 
     def cdf(self, values: torch.Tensor) -> torch.Tensor:
         """Per stream, the fraction of ``|x|`` below each of ``values`` (``[n_values]``) -> ``[n_streams, n_values]``."""
-        self.sync()
         edges = self.bin_edges()
         cum = torch.cat([torch.zeros(self.n_streams, 1, dtype=torch.float64), self.counts.double().cumsum(-1)], -1)
         total = cum[:, -1:].clamp(min=1)
@@ -133,7 +146,6 @@ class MagnitudeHistogram:
         return below / total
 
     def state(self) -> dict[str, torch.Tensor]:
-        self.sync()
         return {"counts": self.counts, "nonfinite": self.nonfinite, "zeros": self.zeros}
 
     def params(self) -> dict[str, int]:
@@ -144,7 +156,7 @@ class MagnitudeHistogram:
         h = cls(tensors["counts"].shape[0], **params)
         if tensors["counts"].shape[1] != h.n_bins:
             raise ValueError("histogram counts do not match their bin parameters")
-        h.counts, h.nonfinite, h.zeros = (tensors[k].clone() for k in ("counts", "nonfinite", "zeros"))
+        h._counts, h._nonfinite, h._zeros = (tensors[k].clone() for k in ("counts", "nonfinite", "zeros"))
         return h
 
 
@@ -186,7 +198,7 @@ class ActivationStats:
 
     def zero_fraction(self) -> torch.Tensor:
         """``[n_layers, n_taps]`` fraction of exact zeros (natural sparsity)."""
-        h = self.hist.sync()
+        h = self.hist
         return (h.zeros.double() / h.counts.sum(-1).clamp(min=1).double()).view(self.n_layers, len(self.taps))
 
     def thresholds(self, sparsity: float | Sequence[float] | dict[int, float], site: str):

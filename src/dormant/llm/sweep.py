@@ -64,23 +64,23 @@ def load_eval_windows(tokenizer, cfg: EvalConfig):
     return make_windows(tokenizer, load_text(cfg.data), cfg.seqlen, cfg.max_windows, bos=cfg.bos, source=cfg.data)
 
 
-def load_calib_windows(tokenizer, cfg: CalibConfig, eval_windows=None, bos: str = "auto"):
-    """Calibration windows; disjoint from evaluation unless ``calib_on_eval`` (then they *are* the eval windows)."""
+def load_calib_windows(tokenizer, cfg: CalibConfig, eval_cfg: EvalConfig, eval_windows=None):
+    """Calibration windows, disjoint from the evaluation text unless ``calib_on_eval``.
+
+    With ``calib_on_eval`` (the paper's protocol) the calibration windows *are* the evaluation windows.
+    """
     from dormant.llm.text import load_text, make_windows
 
     if cfg.calib_on_eval:
-        if eval_windows is None:
-            raise ValueError("calib_on_eval needs the evaluation windows")
         log.warning("calibrating on the evaluation text (calib_on_eval, the paper's protocol): results are not held-out")
-        return eval_windows
-    w = make_windows(tokenizer, load_text(cfg.calib_data), cfg.calib_seqlen, cfg.calib_windows, bos=bos,
-                     source=cfg.calib_data)
-    if eval_windows is not None and cfg.calib_data == eval_windows.source:
+        return eval_windows if eval_windows is not None else load_eval_windows(tokenizer, eval_cfg)
+    if cfg.calib_data == eval_cfg.data:
         raise ValueError(
             f"calibration and evaluation both read {cfg.calib_data!r}; choose another --calib-data, "
             "or pass --calib-on-eval to reproduce the paper's protocol knowingly"
         )
-    return w
+    return make_windows(tokenizer, load_text(cfg.calib_data), cfg.calib_seqlen, cfg.calib_windows, bos=eval_cfg.bos,
+                        source=cfg.calib_data)
 
 
 def _calib_description(cfg: CalibConfig, windows) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     model, tokenizer, info = load_model(cfg.model)
     layout = ffn_layout(model)
     ev = load_eval_windows(tokenizer, cfg.eval)
-    cal = load_calib_windows(tokenizer, cfg.calib, ev, bos=cfg.eval.bos)
+    cal = load_calib_windows(tokenizer, cfg.calib, cfg.eval, ev)
     base = {"key": key, "model": info, "eval": ev.describe(), "calibration": _calib_description(cfg.calib, cal)}
 
     def evaluate(site: str, target: float, taps) -> dict[str, Any]:

@@ -8,14 +8,16 @@ When the tokenizer normally starts a text with BOS (Llama-style tokenizers), eac
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dormant.data import resolve
+from dormant.artifacts import atomic_path
+from dormant.data import cache_dir, resolve
 
-__all__ = ["CORPORA", "load_text", "Windows", "make_windows", "tokenizer_adds_bos"]
+__all__ = ["CORPORA", "load_text", "Windows", "make_windows", "tokenizer_adds_bos", "tokenize_stream"]
 
 CORPORA = {
     "wikitext2-test": "WikiText-2 raw test split",
@@ -80,7 +82,7 @@ def make_windows(
     add_bos = tokenizer_adds_bos(tokenizer) if bos == "auto" else bos == "always"
     if add_bos and tokenizer.bos_token_id is None:
         raise ValueError("bos='always' but the tokenizer has no BOS token")
-    stream = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    stream = tokenize_stream(tokenizer, text)
     body = seqlen - 1 if add_bos else seqlen
     n = stream.numel() // body
     if n <= skip:
@@ -90,3 +92,33 @@ def make_windows(
     if add_bos:
         ids = torch.cat([torch.full((ids.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long), ids], dim=1)
     return Windows(ids, add_bos, source, skip)
+
+
+_STREAMS: dict[str, torch.Tensor] = {}
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one stream (no special tokens), cached in memory and on disk.
+
+    Tokenising WikiText-2 test takes seconds; the cache key is a hash of the text and of the fast
+    tokenizer's full serialisation, so a different tokenizer or text never reuses a stale stream.
+    Tokenizers without a serialisation are not cached.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    h = hashlib.sha256(text.encode())
+    h.update(backend.to_str().encode())
+    key = h.hexdigest()[:24]
+    if key not in _STREAMS:
+        path = cache_dir() / "tokens" / f"{key}.pt"
+        try:
+            _STREAMS[key] = torch.load(path, weights_only=True)
+        except Exception:  # missing or unreadable cache entry: tokenize again
+            _STREAMS[key] = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+            try:
+                with atomic_path(path) as tmp:
+                    torch.save(_STREAMS[key], tmp)
+            except OSError:
+                pass  # a read-only cache only costs time
+    return _STREAMS[key]

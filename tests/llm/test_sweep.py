@@ -1,0 +1,64 @@
+"""End-to-end: the CLI on the tiny real Llama (stories260K)."""
+
+import json
+
+import pytest
+
+from dormant.artifacts import read_jsonl
+from dormant.cli import main
+
+SMALL = ["--model", "stories260k", "--seqlen", "128", "--max-windows", "3", "--calib-windows", "4",
+         "--calib-seqlen", "128"]
+
+
+def test_sweep_writes_report_and_resumes(tmp_path, caplog):
+    out = tmp_path / "sweep"
+    args = ["sweep", *SMALL, "--sites", "paper,intermediate", "--sparsity", "0,0.3,0.5", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    records = read_jsonl(out / "results.jsonl")
+    assert sorted((r["site"], r["target"]) for r in records) == [
+        ("dense", 0.0), ("intermediate", 0.3), ("intermediate", 0.5), ("paper", 0.3), ("paper", 0.5)]
+    dense = next(r for r in records if r["site"] == "dense")
+    for r in records:
+        assert r["windows"] == 3 and r["calibration"]["source"] == "wikitext2-valid"
+        if r["site"] != "dense":
+            assert abs(r["site_sparsity"] - r["target"]) < 0.05
+    assert dense["neuron_sparsity"] == 0.0
+    paper50 = next(r for r in records if r["site"] == "paper" and r["target"] == 0.5)
+    assert paper50["neuron_sparsity"] > 0.6  # three 50%-sparse tensors silence more than half of the neurons
+    report = (out / "report.md").read_text()
+    assert "| paper | 0.500 |" in report and (out / "sweep.png").stat().st_size > 1000
+    # A rerun measures nothing new; a new target is added on top of the existing points.
+    assert main(args) == 0
+    assert len(read_jsonl(out / "results.jsonl")) == 5
+    assert main(["sweep", *SMALL, "--sites", "intermediate", "--sparsity", "0.4", "--out", str(out), "--no-progress"]) == 0
+    assert len(read_jsonl(out / "results.jsonl")) == 6
+
+
+def test_sweep_refuses_to_mix_configurations(tmp_path):
+    out = tmp_path / "sweep"
+    base = ["sweep", *SMALL, "--sites", "intermediate", "--sparsity", "0.3", "--out", str(out), "--no-progress"]
+    assert main(base) == 0
+    from dormant.artifacts import ArtifactError
+
+    with pytest.raises(ArtifactError, match="another sweep configuration"):
+        main([*base, "--calib-windows", "2"])
+
+
+def test_calibrate_then_eval(tmp_path, capsys):
+    thr = tmp_path / "thr.safetensors"
+    assert main(["calibrate", *SMALL, "--site", "gate_act", "--sparsity", "0.5", "--out", str(thr)]) == 0
+    assert json.loads(capsys.readouterr().out)["thresholds"] == str(thr)
+    assert main(["eval", *SMALL[:6], "--thresholds", str(thr), "--json-out", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert abs(res["sparsity"]["act"] - 0.5) < 0.05 and res["windows"] == 3
+
+
+def test_calibrating_on_the_evaluation_text_must_be_explicit(tmp_path):
+    with pytest.raises(ValueError, match="calib-on-eval"):
+        main(["calibrate", *SMALL, "--calib-data", "wikitext2-test", "--out", str(tmp_path / "t.safetensors")])
+    assert main(["calibrate", *SMALL, "--calib-on-eval", "--out", str(tmp_path / "t.safetensors")]) == 0
+    from dormant.llm.thresholds import Thresholds
+
+    assert Thresholds.load(tmp_path / "t.safetensors").calibration["calib_on_eval"] is True

@@ -17,7 +17,10 @@ from typing import Any
 
 from dormant.artifacts import ArtifactError, append_jsonl, read_jsonl
 from dormant.config import field
+from dormant.llm.allocate import Sensitivity, allocate, measure_sensitivity
 from dormant.llm.models import ModelConfig
+
+ALLOCATIONS = ("uniform", "sensitivity")
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class SweepConfig:
     eval: EvalConfig
     sites: list[str] = field(default_factory=lambda: ["paper", "intermediate"], help="sites to sweep")
     sparsity: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.35, 0.4, 0.45, 0.5], help="target sparsities")
+    allocation: list[str] = field(default_factory=lambda: ["uniform"],
+                                  help="per-layer allocation: uniform (the paper) and/or sensitivity (dormant.llm.allocate)")
+    sens_windows: int = field(2, help="calibration windows for the per-layer sensitivity profile")
+    sens_seqlen: int = field(512, help="tokens per sensitivity window")
     out: str = field("runs/sweep", help="output folder (results.jsonl, report.md, sweep.png)")
     progress: bool = field(True, help="show progress bars")
 
@@ -100,6 +107,9 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 
     for site in cfg.sites:
         site_taps(site)  # fail early on a bad site name
+    bad = set(cfg.allocation) - set(ALLOCATIONS)
+    if bad:
+        raise ValueError(f"unknown allocation {sorted(bad)}; choose from {', '.join(ALLOCATIONS)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -107,9 +117,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     old = read_jsonl(results)
     if any(r.get("key") != key for r in old):
         raise ArtifactError(f"{results} holds points of another sweep configuration; use another --out")
-    done = {(r["site"], r["target"]) for r in old}
-    todo = [(s, t) for s in cfg.sites for t in cfg.sparsity if t > 0 and (s, t) not in done]
-    need_dense = 0.0 in cfg.sparsity and ("dense", 0.0) not in done
+    done = {(r["site"], r.get("allocation", "uniform"), r["target"]) for r in old}
+    todo = [(s, a, t) for s in cfg.sites for a in cfg.allocation for t in cfg.sparsity
+            if t > 0 and (s, a, t) not in done]
+    need_dense = 0.0 in cfg.sparsity and ("dense", "uniform", 0.0) not in done
     if not todo and not need_dense:
         log.info("all %d points already measured in %s", len(old), results)
         write_sweep_report(out, old, cfg)
@@ -121,24 +132,25 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     cal = load_calib_windows(tokenizer, cfg.calib, cfg.eval, ev)
     base = {"key": key, "model": info, "eval": ev.describe(), "calibration": _calib_description(cfg.calib, cal)}
 
-    def evaluate(site: str, target: float, taps) -> dict[str, Any]:
+    def evaluate(site: str, target: float, taps, allocation: str = "uniform", extra=None) -> dict[str, Any]:
         with measure_sparsity(model, taps) as meter:
             r = perplexity(model, ev.ids, cfg.eval.batch_size, progress=cfg.progress)
         m = meter.summary()
         site_sparsity = sum(m["per_tap"][t.value] for t in taps) / len(taps) if taps else 0.0
-        rec = {**base, "site": site, "target": target, **r.to_dict(), "site_sparsity": site_sparsity,
+        rec = {**base, "site": site, "allocation": allocation, "target": target, **r.to_dict(), **(extra or {}),
+               "site_sparsity": site_sparsity,
                "neuron_sparsity": m["neuron"], "per_tap": m["per_tap"], "per_layer": m["per_layer"],
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         append_jsonl(results, rec)
-        log.info("%s @ %.2f: ppl %.3f, site sparsity %.3f, neuron sparsity %.3f", site, target, r.ppl,
+        log.info("%s/%s @ %.2f: ppl %.3f, site sparsity %.3f, neuron sparsity %.3f", site, allocation, target, r.ppl,
                  site_sparsity, m["neuron"])
         return rec
 
     if need_dense:
         evaluate("dense", 0.0, ())
     for site in cfg.sites:
-        targets = [t for s, t in todo if s == site]
-        if not targets:
+        points = [(a, t) for s, a, t in todo if s == site]
+        if not points:
             continue
         taps = site_taps(site, layout)
         stats_path = out / f"stats_{site}.safetensors"
@@ -148,17 +160,43 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
             stats = collect_stats(model, cal.ids, taps, StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
                                   model_id=info["id"], data=_calib_description(cfg.calib, cal))
             stats.save(stats_path)
-        for target in targets:
-            thr = stats.thresholds(target, site)
-            thr.save(out / f"thresholds_{site}_{target:g}.safetensors")
+        sens = None
+        for allocation, target in points:
+            extra = None
+            if allocation == "sensitivity":
+                sens = sens or _sensitivity(model, tokenizer, stats, cfg, site, out)
+                per_layer = allocate(sens, target)
+                thr = stats.thresholds(per_layer, site)
+                extra = {"layer_targets": per_layer}
+            else:
+                thr = stats.thresholds(target, site)
+            thr.save(out / f"thresholds_{site}_{allocation}_{target:g}.safetensors")
             sparsify_(model, thr, info["id"])
             try:
-                evaluate(site, target, taps)
+                evaluate(site, target, taps, allocation, extra)
             finally:
                 unsparsify_(model)
     records = read_jsonl(results)
     write_sweep_report(out, records, cfg)
     return records
+
+
+def _sensitivity(model, tokenizer, stats, cfg: SweepConfig, site: str, out: Path):
+    """Per-layer sensitivity on calibration text (cached as JSON in the sweep folder)."""
+    from dormant.artifacts import atomic_write_text
+    from dormant.llm.text import load_text, make_windows
+
+    path = out / f"sensitivity_{site}.json"
+    if path.exists():
+        return Sensitivity.from_dict(json.loads(path.read_text()))
+    if cfg.calib.calib_on_eval:
+        w = load_eval_windows(tokenizer, cfg.eval).ids[: cfg.sens_windows]
+    else:
+        w = make_windows(tokenizer, load_text(cfg.calib.calib_data), cfg.sens_seqlen, cfg.sens_windows,
+                         bos=cfg.eval.bos).ids
+    sens = measure_sensitivity(model, stats, w, site, progress=cfg.progress)
+    atomic_write_text(path, json.dumps(sens.to_dict()))
+    return sens
 
 
 def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfig | None = None) -> Path:
@@ -168,12 +206,15 @@ def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfi
     if not records:
         raise ValueError("no sweep records to report")
     dense = next((r for r in records if r["site"] == "dense"), None)
-    sites = list(dict.fromkeys(r["site"] for r in records if r["site"] != "dense"))
+    def label(r):
+        return r["site"] if r.get("allocation", "uniform") == "uniform" else f"{r['site']} ({r['allocation']})"
+
+    sites = list(dict.fromkeys(label(r) for r in records if r["site"] != "dense"))
     rows = []
     if dense:
         rows.append(["dense", 0.0, dense["ppl"], "", 0.0, dense["neuron_sparsity"]])
     for site in sites:
-        for r in sorted((r for r in records if r["site"] == site), key=lambda r: r["target"]):
+        for r in sorted((r for r in records if label(r) == site), key=lambda r: r["target"]):
             delta = f"{100 * (r['ppl'] / dense['ppl'] - 1):+.1f}%" if dense else ""
             rows.append([site, r["target"], r["ppl"], delta, r["site_sparsity"], r["neuron_sparsity"]])
     first = records[0]
@@ -186,14 +227,16 @@ def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfi
         f"- calibration held out: {held_out}",
         f"- device {first['model']['device']}, dtype {first['model']['dtype']}\n",
         "Site sparsity = measured zero fraction of the thresholded tensors (mean over layers and taps); neuron "
-        "sparsity = fraction of FFN intermediate entries (neurons per token) that are zero.\n",
+        "sparsity = fraction of FFN intermediate entries (neurons per token) that are zero. `uniform`: one target "
+        "for every layer (the paper); `sensitivity`: per-layer targets with the same mean, allocated from "
+        "per-layer loss sensitivity measured on calibration text (`dormant.llm.allocate`).\n",
         markdown_table(["site", "target", "perplexity", "vs dense", "site sparsity", "neuron sparsity"], rows),
         "![sweep](sweep.png)\n",
     ]
     write_markdown(out / "report.md", "\n".join(text))
     fig, ax = new_figure(1, 2, size=(5.5, 4))
     for site in sites:
-        rs = sorted((r for r in records if r["site"] == site), key=lambda r: r["target"])
+        rs = sorted((r for r in records if label(r) == site), key=lambda r: r["target"])
         xs = ([0.0] if dense else []) + [r["target"] for r in rs]
         ax[0, 0].plot(xs, ([dense["ppl"]] if dense else []) + [r["ppl"] for r in rs], "o-", label=site)
         line = ax[0, 1].plot([r["target"] for r in rs], [r["site_sparsity"] for r in rs], "o-", label=f"{site}: site")[0]

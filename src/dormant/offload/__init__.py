@@ -1,0 +1,50 @@
+"""Offloading FFN weights to flash: simulate what predictor-guided weight loading does on edge memory hierarchies.
+
+Given activation traces (which FFN neurons each token needs), a device profile (flash, DRAM, compute)
+and a weight-loading policy, the simulator reports bytes read from storage per token, DRAM hit rate,
+pollution, footprint and estimated time per token. It makes measurable the guideline of Dhar et al.
+(IPCCC 2024, §V) -- keep inactive neurons on disk and prefetch the predicted-active ones -- with the
+mechanisms of LLM in a flash (Alizadeh et al., ACL 2024: sliding window, row-column bundling, chunked
+reads) and PowerInfer (Song et al., SOSP 2024: hot neurons pinned by profiled frequency).
+
+Modules: :mod:`~dormant.offload.traces` (traces, geometry, weight formats), :mod:`~dormant.offload.profiles`
+(device profiles and the storage model), :mod:`~dormant.offload.layout` (weight-file layout, request
+cost), :mod:`~dormant.offload.policies`, :mod:`~dormant.offload.simulator`,
+:mod:`~dormant.offload.reference` (brute-force caches), :mod:`~dormant.offload.sweep` (policy x budget x
+profile runs and reports), :mod:`~dormant.offload.storage` (real reads on this machine's disk).
+"""
+
+from dormant.offload.layout import ItemLayout, StorageLayout
+from dormant.offload.policies import PRESETS, Policy, parse_policy
+from dormant.offload.profiles import DeviceProfile, ProfileError, StorageModel, list_profiles, load_profile
+from dormant.offload.simulator import AccessStats, estimate_time, simulate
+from dormant.offload.traces import (
+    WEIGHT_FORMATS,
+    FFNGeometry,
+    WeightFormat,
+    perturb_trace,
+    synthetic_trace,
+    weight_format,
+)
+
+__all__ = [
+    "AccessStats",
+    "DeviceProfile",
+    "FFNGeometry",
+    "ItemLayout",
+    "PRESETS",
+    "Policy",
+    "ProfileError",
+    "StorageLayout",
+    "StorageModel",
+    "WEIGHT_FORMATS",
+    "WeightFormat",
+    "estimate_time",
+    "list_profiles",
+    "load_profile",
+    "parse_policy",
+    "perturb_trace",
+    "simulate",
+    "synthetic_trace",
+    "weight_format",
+]

@@ -13,6 +13,7 @@ __all__ = ["main", "build_parser"]
 # Modules with a ``register(subparsers)`` function, in the order their commands are listed.
 COMMAND_MODULES = (
     "dormant.llm.commands",
+    "dormant.llm.analysis_commands",
     "dormant.offload.commands",
     "dormant.demo",
 )

@@ -52,9 +52,9 @@ def _by_policy(costs, fmt="fp16"):
 def test_vector_bits_and_formats():
     assert FORMATS["fp32"].vec_bits(576) == 576 * 32
     assert FORMATS["fp16"].vec_bits(576) == 9216
-    assert FORMATS["int8"].vec_bits(576) == 576 * 8 + 5 * 16  # ceil(576 / 128) = 5 fp16 scales
-    assert FORMATS["int4"].vec_bits(576) == 576 * 4 + 5 * 32  # 5 x (fp16 scale + fp16 zero)
-    assert FORMATS["int8"].bits_per_weight == 8.125 and FORMATS["int4"].bits_per_weight == 4.25
+    assert FORMATS["int8"].vec_bits(576) == 576 * 8 + 18 * 16  # GGUF Q8_0: 576 / 32 = 18 fp16 scales
+    assert FORMATS["int4"].vec_bits(576) == 576 * 4 + 18 * 16  # GGUF Q4_0: 18 fp16 scales
+    assert FORMATS["int8"].bits_per_weight == 8.5 and FORMATS["int4"].bits_per_weight == 4.5
     assert WeightFormat("q", 4, group_size=2, group_bits=16).vec_bits(5) == 20 + 3 * 16
 
 
@@ -92,9 +92,9 @@ def test_gated_policies_golden_fp16():
 def test_int4_golden_and_relative_bytes_are_format_independent_without_biases():
     counts = neuron_counts(_trace(A, 8), _trace(G, 8, tap="act"))
     c = _by_policy(policy_costs(GATED, counts, ["int4", "fp16"]), "int4")
-    # int4 D-vector: 4 x 4 bits + one 32-bit header (group of 128 > D) = 48 bits = 6 bytes.
-    assert c["dense"].bytes_per_token == 2 * 24 * 6
-    assert c["oracle"].bytes_per_token == 21 * 6 / 2
+    # int4 D-vector: 4 x 4 bits + one 16-bit scale (group of 32 > D) = 32 bits = 4 bytes.
+    assert c["dense"].bytes_per_token == 2 * 24 * 4
+    assert c["oracle"].bytes_per_token == 21 * 4 / 2
     assert c["oracle"].flops_per_token == 91  # FLOPs do not depend on the format
     f = _by_policy(policy_costs(GATED, counts, ["fp16"]))
     for p in ("down_skip", "gate_first", "oracle"):
@@ -158,7 +158,7 @@ def test_previous_token_prediction():
 
 def test_predictor_cost_from_params():
     c = PredictorCost.from_params(1000, 2000.0, "lowrank")
-    assert c.bytes_for("fp16") == 2000 and c.bytes_for("int4") == 1000 * 4.25 / 8
+    assert c.bytes_for("fp16") == 2000 and c.bytes_for("int4") == 1000 * 4.5 / 8
     with pytest.raises(ValueError):
         PredictorCost({"fp16": 1.0}, 0.0).bytes_for("int8")
 

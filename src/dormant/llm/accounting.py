@@ -10,8 +10,8 @@ stored *neuron-major*: neuron ``i``'s bundle is gate row ``i``, up row ``i`` and
 stored transposed), each a ``D``-vector, as in LLM-in-a-flash's row-column bundling and PowerInfer. A
 ``D``-vector costs ``vec_bits(D) = D * b + ceil(D / g) * s`` bits in a format with ``b`` bits per
 weight and, for integer formats, one ``s``-bit group header (scale, zero point) per ``g`` weights along
-``D`` (:data:`FORMATS`: fp32, fp16; int8 = symmetric, one fp16 scale per 128 weights, 8.125 bits/weight;
-int4 = asymmetric, fp16 scale + fp16 zero per 128 weights, 4.25 bits/weight). Biases are vectors kept at
+``D`` (:data:`dormant.formats.FORMATS`: fp32, fp16, bf16; int8 = GGUF Q8_0, one fp16 scale per 32 weights,
+8.5 bits/weight; int4 = GGUF Q4_0, one fp16 scale per 32 weights, 4.5 bits/weight). Biases are vectors kept at
 ``vector_bits`` (the float width; 16 for integer formats). Per-neuron biases (gate, up / fc1) travel
 with their neuron; the down bias (``D`` values) is always read.
 
@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dormant.formats import FORMATS, WeightFormat, weight_format
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.masks import ActivationTrace
 
@@ -85,61 +86,11 @@ __all__ = [
 # Weight formats
 
 
-@dataclass(frozen=True)
-class WeightFormat:
-    """How one weight vector is stored.
-
-    Attributes:
-        name: ``fp32``, ``fp16``, ``int8``, ``int4`` or a custom name.
-        bits: bits per weight.
-        group_size: weights sharing one group header along a vector; ``None`` for float formats.
-        group_bits: bits of one group header (scale, and zero point if asymmetric).
-        vector_bits: bits per value of 1-D parameters (biases, norm weights).
-    """
-
-    name: str
-    bits: int
-    group_size: int | None = None
-    group_bits: int = 0
-    vector_bits: int = 16
-
-    def vec_bits(self, n: int) -> int:
-        """Bits of an ``n``-long weight vector: ``n * bits + ceil(n / group_size) * group_bits``."""
-        groups = 0 if self.group_size is None else -(-n // self.group_size)
-        return n * self.bits + groups * self.group_bits
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Effective bits per weight for long vectors (``bits + group_bits / group_size``)."""
-        return self.bits + (self.group_bits / self.group_size if self.group_size else 0.0)
-
-    def describe(self) -> str:
-        if self.group_size is None:
-            return f"{self.name}: {self.bits} bits/weight"
-        return (f"{self.name}: {self.bits} bits/weight + {self.group_bits}-bit header per {self.group_size} weights "
-                f"= {self.bits_per_weight:g} bits/weight; vectors at {self.vector_bits} bits")
-
-
-FORMATS: dict[str, WeightFormat] = {
-    "fp32": WeightFormat("fp32", 32, vector_bits=32),
-    "fp16": WeightFormat("fp16", 16, vector_bits=16),
-    "int8": WeightFormat("int8", 8, group_size=128, group_bits=16, vector_bits=16),  # symmetric: fp16 scale
-    "int4": WeightFormat("int4", 4, group_size=128, group_bits=32, vector_bits=16),  # fp16 scale + fp16 zero
-}
-
 POLICIES = ("dense", "down_skip", "gate_first", "oracle", "predicted")
 
 
 def _formats(formats: Sequence[str | WeightFormat]) -> list[WeightFormat]:
-    out = []
-    for f in formats:
-        if isinstance(f, WeightFormat):
-            out.append(f)
-        elif f in FORMATS:
-            out.append(FORMATS[f])
-        else:
-            raise ValueError(f"unknown weight format {f!r}; choose from: {', '.join(FORMATS)}")
-    return out
+    return [weight_format(f) for f in formats]
 
 
 # ----------------------------------------------------------------------------------------------------

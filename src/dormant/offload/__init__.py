@@ -19,7 +19,6 @@ from dormant.offload.policies import PRESETS, Policy, parse_policy
 from dormant.offload.profiles import DeviceProfile, ProfileError, StorageModel, list_profiles, load_profile
 from dormant.offload.simulator import AccessStats, estimate_time, simulate
 from dormant.offload.traces import (
-    WEIGHT_FORMATS,
     FFNGeometry,
     WeightFormat,
     perturb_trace,
@@ -37,7 +36,6 @@ __all__ = [
     "ProfileError",
     "StorageLayout",
     "StorageModel",
-    "WEIGHT_FORMATS",
     "WeightFormat",
     "estimate_time",
     "list_profiles",

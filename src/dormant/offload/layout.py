@@ -29,7 +29,8 @@ from typing import Literal
 import numpy as np
 
 from dormant.config import field
-from dormant.offload.traces import FFNGeometry, WeightFormat
+from dormant.formats import WeightFormat
+from dormant.offload.traces import FFNGeometry
 
 __all__ = ["StorageLayout", "ItemLayout"]
 

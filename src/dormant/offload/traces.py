@@ -5,11 +5,11 @@ active-neuron masks) unchanged. This module adds what the cost model needs aroun
 
 * :class:`FFNGeometry` -- layer count, widths and the parameters that stay resident (attention per
   layer, the LM head), read from the trace's ``model`` / ``source`` metadata;
-* :class:`WeightFormat` -- bytes of one stored vector of ``D`` weights, including per-group scales.
-  One FFN *neuron* ``i`` of a gated FFN is gate row ``i``, up row ``i`` and down column ``i``
+* :func:`weight_format` -- a :class:`dormant.formats.WeightFormat` by name (or the trace's dtype): bytes
+  of one stored vector of ``D`` weights, including per-group scales. One FFN *neuron* ``i`` of a gated FFN is gate row ``i``, up row ``i`` and down column ``i``
   (LLM in a flash, Alizadeh et al. 2024, §3.2 "row-column bundling")::
 
-      vector_bytes(D) = ceil(D * bits / 8) + ceil(D / group) * scale_bytes
+      vector_bytes(D) = ceil((D * bits + ceil(D / group) * group_bits) / 8)
       neuron_bytes    = n_mats * vector_bytes(D)        n_mats = 3 (gated) or 2 (non-gated)
       ffn_bytes       = n_layers * I * neuron_bytes
 
@@ -22,7 +22,6 @@ active-neuron masks) unchanged. This module adds what the cost model needs aroun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +30,12 @@ import numpy as np
 import torch
 
 from dormant.config import field
+from dormant.formats import WeightFormat
+from dormant.formats import weight_format as _lookup
 from dormant.llm.masks import ActivationTrace, pack_masks, unpack_masks
 
 __all__ = [
     "WeightFormat",
-    "WEIGHT_FORMATS",
     "weight_format",
     "FFNGeometry",
     "TraceConfig",
@@ -47,50 +47,13 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class WeightFormat:
-    """How weights are stored: ``bits`` per weight plus one ``scale_bytes`` scale per ``group`` weights.
-
-    Attributes:
-        name: format name.
-        bits: bits per weight.
-        group: weights sharing one scale (0 = no scales).
-        scale_bytes: bytes per scale (and zero-point, if any).
-    """
-
-    name: str
-    bits: int
-    group: int = 0
-    scale_bytes: int = 0
-
-    def vector_bytes(self, n: int) -> int:
-        """Bytes of ``n`` consecutive weights: ``ceil(n * bits / 8) + ceil(n / group) * scale_bytes``."""
-        scales = math.ceil(n / self.group) * self.scale_bytes if self.group else 0
-        return math.ceil(n * self.bits / 8) + scales
-
-
-# Quantised formats follow GGUF's block layouts: Q8_0 = 32 int8 + one fp16 scale (34 B / 32 weights),
-# Q4_0 = 32 4-bit weights + one fp16 scale (18 B / 32 weights) (ggml/src/ggml-common.h, block_q8_0 / block_q4_0).
-WEIGHT_FORMATS: dict[str, WeightFormat] = {
-    "fp32": WeightFormat("fp32", 32),
-    "fp16": WeightFormat("fp16", 16),
-    "bf16": WeightFormat("bf16", 16),
-    "int8": WeightFormat("int8", 8, group=32, scale_bytes=2),
-    "int4": WeightFormat("int4", 4, group=32, scale_bytes=2),
-}
-_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
 def weight_format(name: str, trace: ActivationTrace | None = None) -> WeightFormat:
-    """Look up a format by name; ``"trace"`` means the weight dtype recorded in ``trace``."""
+    """Look up a format of :data:`dormant.formats.FORMATS`; ``"trace"`` means the dtype recorded in ``trace``."""
     if name == "trace":
         if trace is None:
             raise ValueError("weight format 'trace' needs a trace")
         name = str(trace.model.get("dtype", "float32"))
-    name = _DTYPE_ALIASES.get(name, name)
-    if name not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {name!r}; choose from trace, {', '.join(WEIGHT_FORMATS)}")
-    return WEIGHT_FORMATS[name]
+    return _lookup(name)
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,33 @@ from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.hooks import register_tap_hooks, tap_hooks
 from dormant.llm.thresholds import Thresholds
 
-__all__ = ["sparsify_", "unsparsify_", "is_sparsified", "active_thresholds", "SparsityMeter", "measure_sparsity"]
+__all__ = [
+    "sparsify_",
+    "unsparsify_",
+    "is_sparsified",
+    "active_thresholds",
+    "SparsifyState",
+    "sparsify_state",
+    "SparsityMeter",
+    "measure_sparsity",
+]
+
+
+@dataclass(frozen=True)
+class SparsifyState:
+    """What :func:`sparsify_` installed on a model: its thresholds and the ids of its hook handles.
+
+    Executors that bypass the hooked modules (:mod:`dormant.llm.sparse_decode`) use the ids to tell
+    these hooks, whose effect they reproduce, from foreign hooks they must not skip.
+    """
+
+    thresholds: Thresholds
+    hook_ids: frozenset[int]
 
 
 @dataclass
 class _State:
-    thresholds: Thresholds
+    public: SparsifyState
     handles: list
 
 
@@ -44,7 +65,8 @@ def sparsify_(model: nn.Module, thresholds: Thresholds, model_id: str | None = N
         t = table[(layer, tap)]
         return x.masked_fill(x.abs() < t, 0) if t > 0 else None
 
-    _ACTIVE[model] = _State(thresholds, register_tap_hooks(layout, thresholds.taps, enforce))
+    handles = register_tap_hooks(layout, thresholds.taps, enforce)
+    _ACTIVE[model] = _State(SparsifyState(thresholds, frozenset(h.id for h in handles)), handles)
     return model
 
 
@@ -61,8 +83,14 @@ def is_sparsified(model: nn.Module) -> bool:
     return model in _ACTIVE
 
 
-def active_thresholds(model: nn.Module) -> Thresholds | None:
+def sparsify_state(model: nn.Module) -> SparsifyState | None:
+    """The thresholds and hook ids :func:`sparsify_` installed on ``model`` (``None`` if dense)."""
     state = _ACTIVE.get(model)
+    return None if state is None else state.public
+
+
+def active_thresholds(model: nn.Module) -> Thresholds | None:
+    state = sparsify_state(model)
     return None if state is None else state.thresholds
 
 

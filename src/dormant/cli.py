@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "dormant.llm.commands",
     "dormant.llm.analysis_commands",
     "dormant.offload.commands",
+    "dormant.snn.commands",
     "dormant.demo",
 )
 

@@ -58,6 +58,59 @@ SOURCES: dict[str, DataSource] = {
         ("llm/stories260K/hf",),
         note="the Hugging Face conversion of karpathy's stories260K (tinyllamas); give its folder with --model",
     ),
+    # --- dormant.snn: CIFAR-10, MNIST and the pretrained ReLU networks ---
+    "cifar10-test1000": DataSource(
+        ("cifar10/cifar10_test1000_lossless.npz",),
+        note="bit-exact slice (official test images 0..999) shipped in ../shared/data; use cifar10-python otherwise",
+    ),
+    "cifar10-train4000": DataSource(
+        ("cifar10/cifar10_train4000_lossless.npz",),
+        note="bit-exact slice (official train images 0..3999) shipped in ../shared/data; use cifar10-python otherwise",
+    ),
+    "cifar10-jpeg-train": DataSource(("cifar10/cifar10_train_jpeg_q75.zip",), note="lossy JPEG copy of the train set"),
+    "cifar10-jpeg-test": DataSource(("cifar10/cifar10_test_jpeg_q75.zip",), note="lossy JPEG copy of the test set"),
+    "cifar10-python": DataSource(
+        ("cifar10/cifar-10-python.tar.gz",), "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        note="the official CIFAR-10 python archive (Krizhevsky 2009)",
+    ),
+    "mnist-train-images": DataSource(
+        ("mnist/train-images-idx3-ubyte.gz",), "https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz"
+    ),
+    "mnist-train-labels": DataSource(
+        ("mnist/train-labels-idx1-ubyte.gz",), "https://ossci-datasets.s3.amazonaws.com/mnist/train-labels-idx1-ubyte.gz"
+    ),
+    "mnist-test-images": DataSource(
+        ("mnist/t10k-images-idx3-ubyte.gz",), "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz"
+    ),
+    "mnist-test-labels": DataSource(
+        ("mnist/t10k-labels-idx1-ubyte.gz",), "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz"
+    ),
+    "resnet20-cifar10": DataSource(
+        ("cifar10-models/resnet20-12fca82f.th",),
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet20-12fca82f.th",
+        sha256="12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    ),
+    "resnet32-cifar10": DataSource(
+        ("cifar10-models/resnet32-d509ac18.th",),
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet32-d509ac18.th",
+        sha256="d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+    ),
+    "resnet44-cifar10": DataSource(
+        ("cifar10-models/resnet44-014dd654.th",),
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet44-014dd654.th",
+        sha256="014dd6541728a1c700b1642ab640e211dc6eb8ed507d70697458dc8f8a0ae2e4",
+    ),
+    "resnet56-cifar10": DataSource(
+        ("cifar10-models/resnet56-4bfd9763.th",),
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet56-4bfd9763.th",
+        sha256="4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+    ),
+    "lenet-mnist": DataSource(
+        ("mnist/mnistnet_shrinkbench.pt",),
+        "https://github.com/JJGO/shrinkbench-models/raw/master/mnist/mnistnet.pt",
+        sha256="5e1e80e145773c6ea30cb93dfc7d23fb87fd4116ff24e6889fdcb96a577190c9",
+    ),
 }
 
 

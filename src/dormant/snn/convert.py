@@ -1,0 +1,366 @@
+"""ANN -> SNN conversion: trace, check, fold batch-norm, set thresholds, swap ReLUs for IF neurons.
+
+The recipe of threshold-balanced rate conversion (Diehl et al. 2015; Rueckauer et al. 2017) as used by FTBC
+(Wu et al., ECCV 2024, arXiv 2403.18388, Sec. 3):
+
+1. Trace the ANN with ``torch.fx``; every operation must be one the conversion understands (table below), so
+   nothing is converted silently wrong. A functional ``F.relu`` is rejected: it has no module to hold a threshold.
+2. Fold each BatchNorm into the preceding conv/linear: ``W' = W * g``, ``b' = (b - mu) * g + beta`` with
+   ``g = gamma / sqrt(var + eps)``. A BatchNorm that cannot be folded stays (it is affine, so it acts on spike
+   trains per step as on rates).
+3. Thresholds from training activations ``a = relu(z)`` of each ReLU: ``theta = scale * Q_q(a)`` per layer or per
+   channel, with ``Q_q`` the q-quantile over all values (zeros included; q = 1 is the maximum). Channels that
+   never fire in the data get the layer threshold.
+4. Each ReLU becomes an :class:`~dormant.snn.neurons.IFNeuron` (reset by subtraction, ``v[0] = v0*theta``, spike
+   amplitude theta, so no weight rescaling is needed). Each max pooling after a ReLU becomes spike-count max
+   pooling (``maxpool="spike_count"``, see :mod:`dormant.snn.neurons`) or is moved in front of the neuron,
+   ``maxpool(relu(z)) = relu(maxpool(z))`` (``maxpool="pre_neuron"``, max over per-step currents as in Bu et al.
+   2024's LTB).
+
+Supported operations: modules Conv1d/2d, Linear, BatchNorm1d/2d, ReLU, AvgPool1d/2d, AdaptiveAvgPool1d/2d,
+MaxPool2d, Flatten, Identity, Dropout (eval: identity), :class:`~dormant.snn.models.ZeroPadShortcut`; functions
+and methods: residual ``+``/``torch.add``, ``torch.flatten``/``.flatten`` (from dim 1), ``.view``/``.reshape``
+(keep the batch dimension first), ``.size``, ``.contiguous``, ``torch.cat`` (not on dim 0), slicing that keeps
+dim 0, ``F.pad`` with zeros, ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``, ``.mean`` over non-batch dims.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from dormant.snn.configs import ConvertConfig
+from dormant.snn.models import ZeroPadShortcut
+from dormant.snn.network import SpikingNetwork
+from dormant.snn.neurons import IFNeuron, SpikeMaxPool2d
+
+__all__ = [
+    "ConvertConfig",
+    "ConversionError",
+    "trace",
+    "fold_batchnorm",
+    "build_spiking_network",
+    "activation_thresholds",
+    "set_thresholds_",
+    "convert",
+]
+
+
+class ConversionError(ValueError):
+    """The network contains something the conversion cannot map onto spiking layers."""
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ZeroPadShortcut) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (a deep copy in eval mode) and check every operation (module docstring)."""
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types on data-dependent control flow
+        raise ConversionError(
+            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); conversion needs a forward "
+            "without data-dependent control flow") from e
+    gm = fx.GraphModule(model, graph)
+    _check(gm)
+    return gm
+
+
+# ---- which operations are allowed --------------------------------------------------------------------------
+_STATELESS_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d,
+                      nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d,
+                      nn.Dropout2d, ZeroPadShortcut)
+_MODULE_NAMES = "Conv1d/2d, Linear, BatchNorm1d/2d, ReLU, AvgPool1d/2d, AdaptiveAvgPool1d/2d, MaxPool2d, Flatten, " \
+                "Identity, Dropout, ZeroPadShortcut"
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, F.relu6, F.leaky_relu, torch.clamp, torch.clip}
+_RELU_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip"}
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _dims_keep_batch(dim: Any) -> bool:
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return dim is not None and all(isinstance(d, int) and d != 0 for d in dims)
+
+
+def _getitem_ok(node: fx.Node) -> bool:
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.op == "call_method" and src.target == "size":
+        return True
+    idx = node.args[1]
+    first = idx[0] if isinstance(idx, tuple) else idx
+    return first == slice(None, None, None)
+
+
+_FUNCTIONS: dict[Any, Callable[[fx.Node], bool]] = {
+    operator.add: lambda n: True,
+    operator.iadd: lambda n: True,
+    torch.add: lambda n: True,
+    torch.flatten: lambda n: _arg(n, 1, "start_dim", 0) != 0,
+    torch.cat: lambda n: _arg(n, 1, "dim", 0) != 0,
+    operator.getitem: _getitem_ok,
+    F.avg_pool2d: lambda n: True,
+    F.adaptive_avg_pool2d: lambda n: True,
+    F.pad: lambda n: _arg(n, 2, "mode", "constant") == "constant" and not _arg(n, 3, "value", 0),
+    torch.mean: lambda n: _dims_keep_batch(_arg(n, 1, "dim", None)),
+}
+_METHODS: dict[str, Callable[[fx.Node], bool]] = {
+    "view": lambda n: True,
+    "reshape": lambda n: True,
+    "size": lambda n: True,
+    "dim": lambda n: True,
+    "contiguous": lambda n: True,
+    "add": lambda n: True,
+    "flatten": lambda n: _arg(n, 1, "start_dim", 0) != 0,
+    "mean": lambda n: _dims_keep_batch(_arg(n, 1, "dim", None)),
+}
+
+
+def _fn_name(f: Any) -> str:
+    return getattr(f, "__name__", repr(f))
+
+
+def _check(gm: fx.GraphModule) -> None:
+    mods = dict(gm.named_modules())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ConversionError(f"the network must take exactly one input tensor, got {len(placeholders)}")
+    for node in gm.graph.nodes:
+        where = f"node {node.name!r} ({node.format_node()})"
+        if node.op == "call_module":
+            m = mods[node.target]
+            if isinstance(m, nn.ReLU) or isinstance(m, _STATELESS_MODULES):
+                if isinstance(m, nn.Flatten) and m.start_dim == 0:
+                    raise ConversionError(f"{where}: Flatten(start_dim=0) would mix time steps; use start_dim=1")
+                continue
+            if isinstance(m, nn.MaxPool2d):
+                if m.return_indices:
+                    raise ConversionError(f"{where}: max pooling that returns indices cannot be converted")
+                continue
+            raise ConversionError(
+                f"{where}: module type {type(m).__name__} cannot be converted. Supported modules: {_MODULE_NAMES}")
+        if node.op == "call_function":
+            if node.target in _RELU_FUNCTIONS:
+                raise ConversionError(
+                    f"{where}: functional activation {_fn_name(node.target)}(...) has no module that could hold a "
+                    "threshold and a membrane; write it as an nn.ReLU module (one per call site)")
+            ok = _FUNCTIONS.get(node.target)
+            if ok is None:
+                raise ConversionError(
+                    f"{where}: function {_fn_name(node.target)} cannot be converted. Supported functions: "
+                    + ", ".join(sorted(_fn_name(f) for f in _FUNCTIONS)))
+            if not ok(node):
+                raise ConversionError(f"{where}: this use of {_fn_name(node.target)} would mix the batch (time) "
+                                      "dimension or is not linear; see dormant.snn.convert for the allowed forms")
+        elif node.op == "call_method":
+            if node.target in _RELU_METHODS:
+                raise ConversionError(f"{where}: tensor method .{node.target}() used as activation; write it as an "
+                                      "nn.ReLU module (one per call site)")
+            ok = _METHODS.get(node.target)
+            if ok is None:
+                raise ConversionError(f"{where}: tensor method .{node.target}() cannot be converted. Supported "
+                                      f"methods: {', '.join(sorted(_METHODS))}")
+            if not ok(node):
+                raise ConversionError(f"{where}: this use of .{node.target}() would mix the batch (time) dimension")
+        elif node.op == "get_attr":
+            raise ConversionError(f"{where}: direct use of a parameter/buffer in forward cannot be converted; put it "
+                                  "in a supported module")
+        elif node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise ConversionError("the network must return a single tensor of logits")
+
+
+# ---- batch-norm folding ------------------------------------------------------------------------------------
+def _call_sites(gm: fx.GraphModule) -> dict[str, int]:
+    sites: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            sites[n.target] = sites.get(n.target, 0) + 1
+    return sites
+
+
+@torch.no_grad()
+def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """Fold every BatchNorm whose input is a conv/linear used only there, in place. Returns the folded BN names."""
+    mods = dict(gm.named_modules())
+    sites = _call_sites(gm)
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods[node.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and isinstance(mods[prev.target], (nn.Conv1d, nn.Conv2d, nn.Linear))
+                and sites[prev.target] == 1 and sites[node.target] == 1):
+            continue
+        bn, layer = mods[node.target], mods[prev.target]
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        g = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        layer.weight.copy_(layer.weight * g.view(-1, *([1] * (layer.weight.dim() - 1))))
+        new_bias = (b - bn.running_mean) * g + beta
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias.clone())
+        else:
+            layer.bias.copy_(new_bias)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded.append(node.target)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return folded
+
+
+def _move_maxpool_before_relu(gm: fx.GraphModule) -> None:
+    """``maxpool(relu(z)) -> relu(maxpool(z))`` for every MaxPool2d (exact for the ANN; ReLU is monotone)."""
+    mods = dict(gm.named_modules())
+    for pool in list(gm.graph.nodes):
+        if pool.op != "call_module" or not isinstance(mods[pool.target], nn.MaxPool2d):
+            continue
+        relu = pool.args[0]
+        if not (isinstance(relu, fx.Node) and relu.op == "call_module" and isinstance(mods[relu.target], nn.ReLU)
+                and len(relu.users) == 1):
+            raise ConversionError(f"maxpool='pre_neuron' needs ReLU -> MaxPool2d with no other use of the ReLU "
+                                  f"output (at {pool.name!r}); use maxpool='spike_count'")
+        z = relu.args[0]
+        pool.replace_all_uses_with(relu)
+        pool.args = (z,) + tuple(pool.args[1:])
+        relu.args = (pool,)
+        pool.append(relu)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def build_spiking_network(ann: nn.Module, example: torch.Tensor, cfg: ConvertConfig | None = None,
+                          meta: dict[str, Any] | None = None) -> SpikingNetwork:
+    """The converted structure with unit thresholds (set them with :func:`set_thresholds_`).
+
+    Args:
+        ann: the trained ANN (left untouched: a copy is converted).
+        example: one input batch ``[N, ...]`` (only its shape matters).
+        cfg: conversion options.
+        meta: extra description stored with the network (e.g. ``{"model": "resnet20"}``).
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    cfg = cfg or ConvertConfig()
+    gm = trace(ann)
+    fold_batchnorm(gm)
+    if cfg.maxpool == "pre_neuron":
+        _move_maxpool_before_relu(gm)
+    ShapeProp(gm).propagate(example.to(next(iter(gm.parameters())).device) if list(gm.parameters()) else example)
+    mods = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = mods[node.target]
+        if isinstance(m, nn.ReLU):
+            channels = node.meta["tensor_meta"].shape[1]
+            gm.add_submodule(f"neurons.{node.name}", IFNeuron(torch.ones(channels), v0=cfg.v0, shift=cfg.shift))
+            node.target = f"neurons.{node.name}"
+        elif isinstance(m, nn.MaxPool2d) and cfg.maxpool == "spike_count":
+            gm.add_submodule(f"pools.{node.name}", SpikeMaxPool2d(m))
+            node.target = f"pools.{node.name}"
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    info = dict(meta or {})
+    info.update({"convert": asdict(cfg), "input_shape": list(example.shape[1:])})
+    snn = SpikingNetwork(gm, info)
+    if not snn.neurons:
+        raise ConversionError("the network has no nn.ReLU module: nothing to convert into spiking neurons")
+    return snn
+
+
+class _TopK:
+    """Running top-k of the values of each row of ``[R, M]`` batches (exact order statistics near the top)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.values: torch.Tensor | None = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        if self.values is not None:
+            rows = torch.cat([self.values, rows], dim=1)
+        self.values = rows.topk(min(self.k, rows.shape[1]), dim=1, sorted=False).values
+
+
+@torch.no_grad()
+def activation_thresholds(snn: SpikingNetwork, x: torch.Tensor, cfg: ConvertConfig, batch_size: int = 200,
+                          progress: bool = False) -> dict[str, torch.Tensor]:
+    """Thresholds ``[C]`` per neuron from the ANN-mode (ReLU) activations on training inputs ``x`` ``[N, ...]``.
+
+    ``theta = scale * Q_q(a)`` with ``Q_q`` the nearest-rank q-quantile of all values of the layer (or of each
+    channel): the value at 0-based descending rank ``n - ceil(q n)`` among ``n`` values.
+    """
+    names = list(snn.neurons)
+    n_img = len(x)
+    q = cfg.quantile
+    tops: dict[str, _TopK] = {}
+    ranks: dict[str, int] = {}
+    dev = snn.device
+    for i in tqdm(range(0, n_img, batch_size), desc="threshold stats", disable=not progress, leave=False):
+        _, rec = snn.ann_forward(x[i : i + batch_size].to(dev), record=names)
+        for name in names:
+            a = rec[name]
+            rows = a.transpose(0, 1).reshape(a.shape[1], -1) if cfg.granularity == "channel" else a.reshape(1, -1)
+            if name not in tops:
+                n = rows.shape[1] // len(a) * n_img  # values per row over the whole set
+                ranks[name] = n - math.ceil(q * n)
+                tops[name] = _TopK(ranks[name] + 1)
+            tops[name].update(rows.float())
+    out = {}
+    for name in names:
+        vals = tops[name].values.sort(dim=1, descending=True).values
+        theta = vals[:, ranks[name]] * cfg.scale
+        channels = snn.neurons[name].channels
+        if cfg.granularity == "channel":
+            layer = theta.max()
+            if layer <= 0:
+                raise ConversionError(f"neuron {name!r} never activates on the threshold data")
+            # channel quantiles that are 0 (channel silent on the data): use the layer's largest channel threshold
+            theta = torch.where(theta > 0, theta, layer)
+        else:
+            if theta.item() <= 0:
+                raise ConversionError(f"neuron {name!r}: the {100 * q:g}th percentile of its activations is 0; "
+                                      "use a higher percentile or threshold='max'")
+            theta = theta.expand(channels)
+        out[name] = theta.clone().cpu()
+    return out
+
+
+def set_thresholds_(snn: SpikingNetwork, thresholds: dict[str, torch.Tensor]) -> None:
+    neurons = snn.neurons
+    if set(thresholds) != set(neurons):
+        raise ValueError(f"thresholds for {sorted(thresholds)} but neurons are {sorted(neurons)}")
+    for name, theta in thresholds.items():
+        neurons[name].set_theta_(theta)
+
+
+def convert(ann: nn.Module, x: torch.Tensor, cfg: ConvertConfig | None = None, *, batch_size: int = 200,
+            meta: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = False
+            ) -> SpikingNetwork:
+    """Convert ``ann`` using training inputs ``x`` ``[N, ...]`` (normalised) for the thresholds.
+
+    The ANN itself is never modified. Returns the :class:`SpikingNetwork` on ``device``.
+    """
+    cfg = cfg or ConvertConfig()
+    snn = build_spiking_network(ann, x[:1], cfg, meta).to(device)
+    set_thresholds_(snn, activation_thresholds(snn, x, cfg, batch_size, progress))
+    snn.meta["threshold_data"] = {"n": len(x)}
+    return snn

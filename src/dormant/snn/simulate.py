@@ -1,0 +1,144 @@
+"""Evaluation: ANN accuracy, and SNN accuracy after every step t = 1..T from one run, with spike counts.
+
+The SNN prediction after step t is ``argmax_k (1/t) sum_{tau<=t} logits[tau, k]`` (logits averaged over steps, as
+in QCFS and FTBC, Wu et al. ECCV 2024, arXiv 2403.18388). Firing rate of a layer at step t = fraction of its
+neurons (over batch and all positions) that spike at t.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dormant.snn.network import SpikingNetwork
+
+__all__ = ["SpikeMonitor", "SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device", "per_step_correct"]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or ``None``) is CUDA when available, else CPU; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SpikeMonitor:
+    """Observer counting spikes per neuron layer and step (pass it as ``observer`` to ``simulate``).
+
+    Attributes:
+        counts: ``{name: [T] float64}`` spikes summed over batch and positions.
+        sizes: ``{name: neurons per sample}``.
+        samples: samples seen (per name).
+    """
+
+    def __init__(self):
+        self.counts: dict[str, torch.Tensor] = {}
+        self.sizes: dict[str, int] = {}
+        self.samples: dict[str, int] = {}
+        self._t: dict[str, int] = {}
+
+    def start_batch(self) -> None:
+        self._t = {}
+
+    def __call__(self, name: str, out: torch.Tensor) -> None:
+        tc, n = out.shape[:2]
+        c = (out.reshape(tc, -1) != 0).sum(1).double().cpu()
+        t0 = self._t.get(name, 0)
+        if t0 == 0:
+            self.samples[name] = self.samples.get(name, 0) + n
+        self.sizes[name] = out[0, 0].numel()
+        cur = self.counts.get(name, torch.zeros(0, dtype=torch.float64))
+        if len(cur) < t0 + tc:
+            cur = torch.cat([cur, torch.zeros(t0 + tc - len(cur), dtype=torch.float64)])
+        cur[t0 : t0 + tc] += c
+        self.counts[name] = cur
+        self._t[name] = t0 + tc
+
+    def rates(self) -> dict[str, torch.Tensor]:
+        """``{name: [T]}`` firing rate per step."""
+        return {k: v / (self.samples[k] * self.sizes[k]) for k, v in self.counts.items()}
+
+    def mean_rates(self, T: int | None = None) -> dict[str, float]:
+        """Firing rate per layer averaged over steps 1..T (all steps by default)."""
+        return {k: float(r[:T].mean()) for k, r in self.rates().items()}
+
+
+def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[T, N, K]``, labels ``[N]`` -> ``[T]`` number correct after each step (running mean readout)."""
+    cum = logits.double().cumsum(0)
+    return (cum.argmax(-1) == y.to(logits.device).unsqueeze(0)).sum(1).cpu()
+
+
+@dataclass
+class SNNEvaluation:
+    """Per-step accuracy of one run.
+
+    Attributes:
+        T: steps simulated.
+        n: images.
+        correct: ``[T]`` images classified correctly after steps 1..T.
+        rates: ``{neuron: [T]}`` firing rates per step.
+        seconds: wall time.
+    """
+
+    T: int
+    n: int
+    correct: torch.Tensor
+    rates: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """``[T]`` accuracy (fraction) after each step."""
+        return self.correct.double() / self.n
+
+    def at(self, t: int) -> float:
+        """Accuracy after step ``t`` (1-based)."""
+        return float(self.accuracy[t - 1])
+
+    def to_dict(self) -> dict:
+        return {"T": self.T, "n": self.n, "accuracy": self.accuracy.tolist(), "seconds": self.seconds,
+                "firing_rate": {k: float(v.mean()) for k, v in self.rates.items()}}
+
+
+@torch.no_grad()
+def evaluate_ann(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+                 device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on normalised inputs ``x`` ``[N, ...]``."""
+    model = model.eval().to(device)
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i : i + batch_size].to(device)).argmax(-1).cpu() == y[i : i + batch_size]).sum())
+    return correct / len(x)
+
+
+@torch.no_grad()
+def evaluate_snn(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, T: int, *, batch_size: int = 100,
+                 chunk: int | None = None, monitor: bool = True, progress: bool = False, desc: str = "simulate"
+                 ) -> SNNEvaluation:
+    """Simulate ``T`` steps on every image of ``x`` and count correct predictions after every step.
+
+    Args:
+        snn: the network (its device is used).
+        x, y: normalised inputs ``[N, ...]`` and labels ``[N]``.
+        T: steps.
+        batch_size: images per simulation batch.
+        chunk: steps per stateless call (memory bound; results do not depend on it).
+        monitor: record firing rates.
+    """
+    start = time.perf_counter()
+    dev = snn.device
+    mon = SpikeMonitor() if monitor else None
+    correct = torch.zeros(T, dtype=torch.long)
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+        if mon is not None:
+            mon.start_batch()
+        logits = snn.simulate(x[i : i + batch_size].to(dev), T, chunk=chunk, observer=mon)
+        correct += per_step_correct(logits, y[i : i + batch_size])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return SNNEvaluation(T, len(x), correct, mon.rates() if mon else {}, time.perf_counter() - start)

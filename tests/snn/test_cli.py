@@ -1,0 +1,40 @@
+"""End-to-end smoke of ``dormant snn convert`` and ``dormant snn sweep`` on the MNIST LeNet (small slices)."""
+
+import json
+
+import pytest
+
+from dormant.cli import main
+from dormant.snn.network import SpikingNetwork
+
+from .test_models_data import _have
+
+pytestmark = pytest.mark.skipif(not (_have("lenet-mnist") and _have("mnist-train-images")),
+                                reason="needs ../shared/data/mnist")
+
+SMALL = ["--model", "lenet", "--holdout", "40", "--calib-images", "40", "--test-images", "40", "--batch-size", "40",
+         "--no-progress", "--ftbc-passes", "1", "--ftbc-batch-size", "40"]
+
+
+def test_convert_and_sweep_cli(tmp_path, capsys):
+    out = tmp_path / "convert"
+    assert main(["snn", "convert", "--T", "3", "--calibrate", "ftbc", "--out", str(out)] + SMALL) == 0
+    report = (out / "report.md").read_text()
+    assert "Test accuracy" in report and "Firing rate per layer" in report and "Calibration time" in report
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "accuracy_per_step.csv").exists()
+    snn = SpikingNetwork.load(out / "snn_ftbc_T3.safetensors")
+    assert all(n.step_bias.shape[0] == 3 for n in snn.neurons.values())
+    # rerun: everything is read back, nothing recomputed
+    n_records = len((out / "results.jsonl").read_text().splitlines())
+    assert main(["snn", "convert", "--T", "3", "--calibrate", "ftbc", "--out", str(out)] + SMALL) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == n_records
+
+    out2 = tmp_path / "sweep"
+    assert main(["snn", "sweep", "--T", "1,2,4", "--methods", "none,ftbc", "--maxpool", "pre_neuron",
+                 "--out", str(out2)] + SMALL) == 0
+    rows = (out2 / "accuracy_by_T.csv").read_text().splitlines()
+    assert rows[0] == "T,none,ftbc,ANN" and len(rows) == 4
+    recs = [json.loads(line) for line in (out2 / "results.jsonl").read_text().splitlines()]
+    assert [r["T"] for r in recs if r["kind"] == "calibration"] == [4, 4]  # one calibration at the largest T
+    with pytest.raises(Exception, match="another configuration"):
+        main(["snn", "sweep", "--T", "1,2,4", "--out", str(out2)] + SMALL)

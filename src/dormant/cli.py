@@ -14,6 +14,7 @@ __all__ = ["main", "build_parser"]
 COMMAND_MODULES = (
     "dormant.llm.commands",
     "dormant.llm.analysis_commands",
+    "dormant.llm.predictors.commands",
     "dormant.offload.commands",
     "dormant.snn.commands",
     "dormant.demo",

@@ -1,0 +1,516 @@
+"""The runs behind ``dormant predictor fit|eval``, ``dormant predictability`` and the predictor demo.
+
+* :func:`fit_predictor`: pairs from calibration text (collected once, reused) -> train -> save the
+  predictor and a JSON record with its held-out scores and cost. Per-layer predictors checkpoint after
+  every layer (``<out>.partial``), so an interrupted fit resumes. ``init`` re-chooses only the decision
+  thresholds of a saved predictor for another recall target or density budget (no retraining).
+* :func:`evaluate_predictors`: on evaluation text, the dense and the oracle-thresholded perplexity;
+  every predictor watched in the oracle pass (open loop: recall, precision, ... against the oracle
+  masks, and optionally the aligned predicted/oracle traces); then one closed-loop pass per predictor
+  with its masks applied (perplexity). Each finished unit is appended to ``results.jsonl`` and
+  skipped on a rerun (predictors can be added later); ``report.md``, ``results.csv``,
+  ``per_layer.csv`` and plots are rewritten. With ``heldout_pairs`` the same is measured on the
+  held-out calibration windows of a pair store -- the place to select hyperparameters (e.g. the
+  guard size) by perplexity.
+* :func:`run_predictability_study`: :mod:`~dormant.llm.predictors.predictability` on a loaded model.
+* :func:`run_predictor_demo`: a ~2-minute end-to-end run on SmolLM2-135M.
+
+Hyperparameters and decision thresholds are chosen on the held-out calibration windows only; the
+evaluation text is only ever scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dormant.artifacts import ArtifactError, append_jsonl, atomic_path, atomic_write_text, read_jsonl
+from dormant.config import field
+from dormant.llm.predictors.base import PREDICTORS, Predictor, evaluate_on_store, load_predictor
+from dormant.llm.predictors.data import PairStore, _tensor_sha, collect_pairs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PairsConfig", "FitRunConfig", "PredictorEvalConfig", "open_or_collect_pairs", "fit_predictor",
+           "evaluate_predictors", "evaluate_loaded", "write_eval_report", "run_predictability_study",
+           "run_predictor_demo"]
+
+
+@dataclass
+class PairsConfig:
+    pairs: str = field("runs/predictors/pairs", help="pair-store folder (collected once, reused when it matches)")
+    train_data: str = field("wikitext2-valid", help="calibration text the pairs come from (not the evaluation text)")
+    train_windows: int = field(16, help="windows of calibration text (the last --heldout-windows are held out)")
+    train_seqlen: int = field(2048, help="tokens per calibration window")
+    heldout_windows: int = field(4, help="held-out windows: early stopping, decision thresholds, model selection")
+
+
+@dataclass
+class FitRunConfig:
+    kind: Literal["lowrank", "early_layer", "cluster"] = field("lowrank", help="predictor to train")
+    thresholds: str | None = field(None, help="Thresholds artifact defining the active neurons (required)")
+    out: str = field("runs/predictors/lowrank.safetensors", help="where to write the predictor")
+    init: str | None = field(None, help="re-choose only the decision thresholds of this saved predictor "
+                                        "(recall / density-ratio flags of its kind), no retraining")
+    guard: int | None = field(None, help="always predict active the k neurons per layer with the largest "
+                                         "gate x up row norms (0: none; unset: none, or keep --init's)")
+    progress: bool = field(True, help="show progress bars")
+
+
+@dataclass
+class PredictorEvalConfig:
+    predictors: list[str] = field(default_factory=list, help="saved predictors to evaluate (paths)")
+    thresholds: str | None = field(None, help="Thresholds artifact the predictors were trained under (required)")
+    out: str = field("runs/predictors/eval", help="output folder (results.jsonl, report.md, CSV, plots)")
+    dense: bool = field(True, help="also measure the dense model's perplexity")
+    closed_loop: bool = field(True, help="perplexity with each predictor's masks applied")
+    save_traces: bool = field(False, help="write the oracle trace and each predictor's predicted trace "
+                                          "(open loop, token-aligned) under <out>/traces/")
+    heldout_pairs: str | None = field(None, help="score on the held-out calibration windows of this pair store "
+                                                 "(model selection) instead of the evaluation text")
+    progress: bool = field(True, help="show progress bars")
+
+
+def _sha(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _thresholds_sha(thr) -> str:
+    return _tensor_sha(thr.values)
+
+
+def open_or_collect_pairs(model_cfg, pairs_cfg: PairsConfig, thresholds_path: str, progress: bool = True,
+                          loaded: tuple | None = None) -> PairStore:
+    """The pair store of ``pairs_cfg``: opened if it exists (and matches the thresholds), else collected.
+
+    Args:
+        model_cfg: :class:`dormant.llm.models.ModelConfig` (loaded only when collecting).
+        loaded: optional ``(model, tokenizer, info)`` already loaded (and not sparsified).
+    """
+    from dormant.llm.thresholds import Thresholds
+
+    thr = Thresholds.load(thresholds_path)
+    root = Path(pairs_cfg.pairs)
+    if (root / "pairs.json").is_file():
+        store = PairStore.open(root)
+        theirs = (store.meta.get("thresholds") or {}).get("values_sha")
+        if theirs != _thresholds_sha(thr):
+            raise ArtifactError(f"{root} was collected under other thresholds than {thresholds_path}; use another --pairs")
+        return store
+    if pairs_cfg.train_data == "wikitext2-test":
+        log.warning("collecting predictor training pairs from the evaluation text (wikitext2-test): not held-out")
+    from dormant.llm.models import load_model
+    from dormant.llm.sparsify import sparsify_, unsparsify_
+    from dormant.llm.text import load_text, make_windows
+
+    model, tok, info = loaded or load_model(model_cfg)
+    cal = make_windows(tok, load_text(pairs_cfg.train_data), pairs_cfg.train_seqlen, pairs_cfg.train_windows,
+                       source=pairs_cfg.train_data)
+    if len(cal.ids) <= pairs_cfg.heldout_windows:
+        raise ValueError(f"{len(cal.ids)} calibration windows leave none for training after "
+                         f"{pairs_cfg.heldout_windows} held-out ones")
+    sparsify_(model, thr, info["id"])
+    try:
+        return collect_pairs(model, cal.ids, root, pairs_cfg.heldout_windows, info["id"], cal.describe(), progress)
+    finally:
+        unsparsify_(model)
+
+
+def _per_layer_fit(p: Predictor) -> bool:
+    return not (p.name == "early_layer" and p.config.mode == "nearest")
+
+
+def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg: Any,
+                  loaded: tuple | None = None) -> dict[str, Any]:
+    """Train (or re-threshold) one predictor; returns the JSON record also written to ``<out>.json``.
+
+    Args:
+        model_cfg: :class:`dormant.llm.models.ModelConfig`.
+        kind_cfg: the ``Config`` dataclass of ``run.kind`` (e.g. :class:`LowRankConfig`).
+        loaded: optional already loaded ``(model, tokenizer, info)`` for collecting pairs.
+    """
+    from tqdm.auto import tqdm
+
+    if run.thresholds is None:
+        raise ValueError("predictor fit needs --thresholds (the active neurons are defined by them)")
+    if run.kind not in PREDICTORS:
+        raise ValueError(f"unknown predictor {run.kind!r}; choose from {', '.join(PREDICTORS)}")
+    store = open_or_collect_pairs(model_cfg, pairs_cfg, run.thresholds, run.progress, loaded)
+    out = Path(run.out)
+    t0 = time.perf_counter()
+    if run.init:
+        pred = load_predictor(run.init)
+        if pred.name != run.kind:
+            raise ValueError(f"--init holds a {pred.name!r} predictor, not {run.kind!r}")
+        recall, ratio = kind_cfg.recall, kind_cfg.density_ratio
+        pred.config = dataclasses.replace(pred.config, recall=recall, density_ratio=ratio)
+        pred.choose_taus(store, recall, ratio, progress=run.progress)
+        pred.info["retargeted_from"] = {"path": str(run.init), "recall": recall, "density_ratio": ratio}
+    else:
+        cls = PREDICTORS[run.kind]
+        partial = out.with_name(out.name + ".partial")
+        pred = None
+        if partial.is_file():
+            old = load_predictor(partial)
+            if dataclasses.asdict(old.config) == dataclasses.asdict(kind_cfg):
+                pred = old
+                log.info("resuming %s from %s (%d layers done)", run.kind, partial, len(old.predicted_layers()))
+        if pred is None:
+            pred = cls.for_store(store, kind_cfg)
+        if _per_layer_fit(pred):
+            todo = [layer for layer in range(pred.n_layers) if layer not in pred.predicted_layers()]
+            for layer in tqdm(todo, desc=f"fit {run.kind}", unit="layer", disable=not run.progress):
+                pred.fit(store, progress=False, layers=[layer])
+                pred.save(partial)
+        else:
+            pred.fit(store, progress=run.progress)
+        pred.info["fit"]["seconds_total"] = time.perf_counter() - t0
+    if run.guard is not None:
+        from dormant.llm.adapters import ffn_layout
+        from dormant.llm.models import load_model
+        from dormant.llm.predictors.base import guard_neurons
+
+        model = (loaded or load_model(model_cfg))[0]
+        pred.guard = guard_neurons(ffn_layout(model), run.guard) if run.guard > 0 else None
+        pred.info["guard"] = {"k": run.guard, "rule": "top-k of ||W_gate[i]|| * ||W_up[i]|| per layer"}
+    pred.info["pairs"] = {"root": str(store.root), "train_tokens": store.n_tokens("train"),
+                          "heldout_tokens": store.n_tokens("heldout")}
+    pred.save(out)
+    if not run.init:
+        out.with_name(out.name + ".partial").unlink(missing_ok=True)
+    heldout = evaluate_on_store(pred, store, "heldout").summary()
+    record = {"predictor": pred.describe(), "path": str(out), "heldout": heldout, "pairs": pred.info["pairs"],
+              "fit": pred.info.get("fit"), "seconds": time.perf_counter() - t0}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=1))
+    o = heldout["overall"]
+    log.info("%s: held-out recall %.4f precision %.3f predicted density %.3f (true %.3f)", run.kind, o["recall"],
+             o["precision"], o["pred_density"], o["true_density"])
+    return record
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def _names(paths: list[str]) -> list[str]:
+    names = []
+    for p in paths:
+        n = Path(p).name.removesuffix(".safetensors")
+        while n in names:
+            n += "_"
+        names.append(n)
+    return names
+
+
+def evaluate_loaded(
+    model, info: dict[str, Any], windows, thresholds, predictors: dict[str, Predictor], out: Path,
+    dense: bool = True, closed_loop: bool = True, save_traces: bool = False, progress: bool = True,
+    key: str = "", batch_size: int = 1, fingerprints: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate ``predictors`` on a loaded (dense) model; resumable and incremental via ``out/results.jsonl``.
+
+    Units: ``dense`` (perplexity), ``oracle`` (thresholded perplexity; every predictor not yet scored is
+    watched in the same pass, open loop), ``open_loop`` (a later pass for predictors added afterwards)
+    and ``closed_loop`` per predictor. A predictor is identified by its name and ``fingerprints[name]``
+    (e.g. the file hash); a name already scored with another fingerprint is an error.
+
+    Args:
+        windows: :class:`dormant.llm.text.Windows` of evaluation text.
+        thresholds: the :class:`~dormant.llm.thresholds.Thresholds` defining the oracle masks.
+        predictors: ``{name: predictor}``.
+        key: identity of model, text and thresholds; records of another key in ``out`` are an error.
+    """
+    from dormant.llm.adapters import ffn_layout
+    from dormant.llm.perplexity import perplexity
+    from dormant.llm.predictors.apply import _model_meta, observe_predictions, predicted_masks
+    from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    old = read_jsonl(path)
+    if any(r.get("key") != key for r in old):
+        raise ArtifactError(f"{path} holds results of another model, text or thresholds; use another --out")
+    fingerprints = fingerprints or {}
+    known: dict[str, str | None] = {}
+    for r in old:
+        known.update(r.get("fingerprints", {}))
+    for n in predictors:
+        if n in known and known[n] != fingerprints.get(n):
+            raise ArtifactError(f"{path}: a different predictor named {n!r} was already scored here; rename it")
+    done = {(r["unit"], r.get("name")) for r in old}
+    scored = {n for r in old for n in r.get("open_loop", {})}
+    base = {"key": key, "model": info, "eval": windows.describe(), "thresholds": thresholds.summary()}
+    ids = windows.ids
+    if dense and ("dense", None) not in done:
+        unsparsify_(model)
+        r = perplexity(model, ids, batch_size, progress=progress)
+        append_jsonl(path, {**base, "unit": "dense", "name": None, **r.to_dict()})
+    sparsify_(model, thresholds, info["id"])
+    try:
+        todo = {n: p for n, p in predictors.items() if n not in scored}
+        if ("oracle", None) not in done or todo:
+            with contextlib.ExitStack() as stack:
+                meter = stack.enter_context(measure_sparsity(model))
+                have_oracle = (out / "traces" / "oracle.safetensors").is_file()
+                runs = {n: stack.enter_context(observe_predictions(
+                    model, p, record=ids.numel() if save_traces else 0, record_true=i == 0 and not have_oracle))
+                    for i, (n, p) in enumerate(todo.items())}
+                r = perplexity(model, ids, batch_size, progress=progress)
+            traces = {}
+            if save_traces and runs:
+                tdir = out / "traces"
+                meta = _model_meta(model, ffn_layout(model), info["id"])
+                src = {"text": windows.describe(), "thresholds": thresholds.summary()}
+                for n, run in runs.items():
+                    pred_t, true_t = run.traces(meta, src)
+                    pred_t.save(tdir / f"{n}.predicted.safetensors")
+                    if true_t is not None:
+                        true_t.save(tdir / "oracle.safetensors")
+                    traces[n] = {"predicted": str(tdir / f"{n}.predicted.safetensors"),
+                                 "oracle": str(tdir / "oracle.safetensors")}
+            unit = "oracle" if ("oracle", None) not in done else "open_loop"
+            append_jsonl(path, {**base, "unit": unit, "name": None, **r.to_dict(),
+                                "neuron_sparsity": meter.summary()["neuron"],
+                                "open_loop": {n: run.summary() for n, run in runs.items()},
+                                "cost": {n: p.cost().summary() for n, p in todo.items()},
+                                "describe": {n: p.describe() for n, p in todo.items()},
+                                "fingerprints": {n: fingerprints.get(n) for n in todo}, "traces": traces})
+        for n, p in predictors.items():
+            if not closed_loop or ("closed_loop", n) in done:
+                continue
+            with predicted_masks(model, p) as run:
+                r = perplexity(model, ids, batch_size, progress=progress)
+            append_jsonl(path, {**base, "unit": "closed_loop", "name": n, **r.to_dict(), "closed_loop": run.summary(),
+                                "fingerprints": {n: fingerprints.get(n)}})
+    finally:
+        unsparsify_(model)
+    records = read_jsonl(path)
+    write_eval_report(out, records)
+    return records
+
+
+def evaluate_predictors(model_cfg, eval_cfg, cfg: PredictorEvalConfig) -> list[dict[str, Any]]:
+    """Load the model, thresholds and predictors, and run :func:`evaluate_loaded` (resumable, incremental)."""
+    from dormant.llm.models import load_model
+    from dormant.llm.sweep import load_eval_windows
+    from dormant.llm.thresholds import Thresholds
+
+    if cfg.thresholds is None:
+        raise ValueError("predictor eval needs --thresholds (the oracle masks are defined by them)")
+    names = _names(cfg.predictors)
+    preds = {n: load_predictor(p) for n, p in zip(names, cfg.predictors)}
+    thr = Thresholds.load(cfg.thresholds)
+    for n, p in preds.items():
+        theirs = (p.info.get("thresholds") or {}).get("values_sha")
+        if theirs and theirs != _thresholds_sha(thr):
+            raise ArtifactError(f"predictor {n} was trained under other thresholds than {cfg.thresholds}")
+    key_d = {"model": model_cfg.model, "dtype": model_cfg.dtype, "eval": dataclasses.asdict(eval_cfg),
+             "thresholds": _sha(cfg.thresholds)}
+    key_d["eval"].pop("batch_size")
+    if cfg.heldout_pairs:
+        store = PairStore.open(cfg.heldout_pairs)
+        key_d["eval"] = {"heldout_pairs": store.meta["key"]}
+    key = hashlib.sha256(json.dumps(key_d, sort_keys=True).encode()).hexdigest()[:12]
+    model, tok, info = load_model(model_cfg)
+    if cfg.heldout_pairs:
+        from dormant.llm.text import Windows
+
+        text = store.meta.get("text", {})
+        windows = Windows(store.token_ids("heldout"), bool(text.get("bos", False)),
+                          f"{text.get('source')} (held-out windows of {cfg.heldout_pairs})")
+    else:
+        windows = load_eval_windows(tok, eval_cfg)
+    return evaluate_loaded(model, info, windows, thr, preds, Path(cfg.out), cfg.dense, cfg.closed_loop,
+                           cfg.save_traces, cfg.progress, key, eval_cfg.batch_size,
+                           {n: _sha(p) for n, p in zip(names, cfg.predictors)})
+
+
+_TABLE = ("recall", "precision", "f1", "jaccard", "pred_density", "true_density", "density_ratio", "mass_recall")
+
+
+def write_eval_report(out: Path, records: list[dict[str, Any]]) -> Path:
+    """``report.md``, ``results.csv``, ``per_layer.csv``, ``per_layer.png`` from evaluation records."""
+    from dormant.report import markdown_table, new_figure, save_figure, write_markdown
+
+    dense = next((r for r in records if r["unit"] == "dense"), None)
+    oracle = next((r for r in records if r["unit"] == "oracle"), None)
+    closed = {r["name"]: r for r in records if r["unit"] == "closed_loop"}
+    if oracle:  # merge predictors scored in later open-loop passes
+        oracle = {**oracle, **{k: dict(oracle.get(k, {})) for k in ("open_loop", "cost", "traces")}}
+        for r in records:
+            if r["unit"] == "open_loop":
+                for k in ("open_loop", "cost", "traces"):
+                    oracle[k].update(r.get(k, {}))
+    first = records[0]
+    ev = first["eval"]
+    text = [f"# Active-neuron predictors: {first['model']['id']}\n",
+            f"- evaluation text: {ev['windows']} windows x {ev['seqlen']} tokens of {ev['source']} "
+            f"(BOS per window: {ev['bos']}); device {first['model']['device']}, dtype {first['model']['dtype']}",
+            f"- thresholds: site {first['thresholds']['site']}, target {first['thresholds']['mean_target']:.2f}, "
+            f"calibrated on {first['thresholds']['calibration'].get('source')}\n"]
+    rows_ppl = []
+    if dense:
+        rows_ppl.append(["dense", dense["ppl"], "", ""])
+    if oracle:
+        rows_ppl.append(["oracle thresholds", oracle["ppl"], _pct(oracle, dense), ""])
+    for n, r in closed.items():
+        rows_ppl.append([f"predicted: {n}", r["ppl"], _pct(r, dense), _pct(r, oracle)])
+    text += ["## Perplexity (closed loop: predicted-inactive neurons skipped, thresholds still applied)\n",
+             markdown_table(["model", "perplexity", "vs dense", "vs oracle"], rows_ppl)]
+    csv_rows = []
+    if oracle and oracle.get("open_loop"):
+        text += ["## Predicted vs oracle masks (open loop, pooled over tokens and layers)\n",
+                 "Every predictor reads the oracle-thresholded model's tensors, so all are scored on identical "
+                 "inputs. Unpredicted layers count as all-active. mass_recall = share of sum |MID| (thresholded) "
+                 "on predicted neurons.\n"]
+        rows = []
+        for n, s in oracle["open_loop"].items():
+            o, c = s["overall"], oracle["cost"][n]
+            cl = closed.get(n, {}).get("closed_loop", {}).get("overall", {})
+            rows.append([n, *[o[k] for k in _TABLE], cl.get("recall", float("nan")), c["param_pct_of_ffn_bytes"],
+                         c["read_pct_of_ffn_bytes"], c["flops_pct_of_ffn"], closed.get(n, {}).get("ppl", float("nan"))])
+            csv_rows.append({"predictor": n, **{k: o[k] for k in _TABLE}, "closed_loop_recall": cl.get("recall"),
+                             **c, "ppl": closed.get(n, {}).get("ppl"), "ppl_oracle": oracle["ppl"],
+                             "ppl_dense": dense["ppl"] if dense else None})
+        text.append(markdown_table(["predictor", *_TABLE, "recall (closed loop)", "params % FFN bytes",
+                                    "read/token % FFN bytes", "FLOPs % FFN", "perplexity"], rows))
+        text.append("Cost: predictor state at 2 bytes per parameter (bit-packed patterns at 1 bit) vs all FFN weights "
+                    "(gate, up, down) at 2 bytes; FLOPs per token vs the dense FFN.\n")
+        if oracle.get("traces"):
+            text.append("Traces (open loop, token-aligned): " + ", ".join(
+                f"{n}: `{t['predicted']}`" for n, t in oracle["traces"].items())
+                + f"; oracle: `{next(iter(oracle['traces'].values()))['oracle']}`\n")
+        text.append("![per layer](per_layer.png)\n")
+        _write_csv(out / "results.csv", csv_rows)
+        per_layer = []
+        for n, s in oracle["open_loop"].items():
+            for layer in range(len(s["per_layer"]["recall"])):
+                per_layer.append({"predictor": n, "layer": layer, **{k: s["per_layer"][k][layer] for k in _TABLE}})
+        _write_csv(out / "per_layer.csv", per_layer)
+        fig, ax = new_figure(1, 3, size=(4.5, 3.5))
+        for n, s in oracle["open_loop"].items():
+            pl = s["per_layer"]
+            ax[0, 0].plot(pl["recall"], "o-", ms=3, label=n)
+            ax[0, 1].plot(pl["precision"], "o-", ms=3, label=n)
+            ax[0, 2].plot(pl["pred_density"], "o-", ms=3, label=n)
+        first_s = next(iter(oracle["open_loop"].values()))["per_layer"]
+        ax[0, 2].plot(first_s["true_density"], "k--", label="true density")
+        ax[0, 2].plot([1.3 * d for d in first_s["true_density"]], "k:", label="1.3x true")
+        for a, t in zip(ax[0], ("recall", "precision", "predicted density")):
+            a.set(xlabel="layer", title=t)
+            a.grid(alpha=0.3)
+        ax[0, 2].legend(fontsize=7)
+        save_figure(fig, out / "per_layer.png")
+    write_markdown(out / "report.md", "\n".join(text))
+    return out / "report.md"
+
+
+def _pct(r: dict | None, ref: dict | None) -> str:
+    return "" if not r or not ref else f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# -- predictability ----------------------------------------------------------------------------------
+def run_predictability_study(model_cfg, eval_cfg, thresholds: str | None, cfg, loaded: tuple | None = None) -> Path:
+    """Load model (or use ``loaded``), apply ``thresholds`` and run the study on ``eval_cfg``'s text."""
+    import numpy as np
+
+    from dormant.llm.models import load_model
+    from dormant.llm.predictors.predictability import run_predictability
+    from dormant.llm.sparsify import sparsify_, unsparsify_
+    from dormant.llm.text import load_text, make_windows
+    from dormant.llm.thresholds import Thresholds
+
+    model, tok, info = loaded or load_model(model_cfg)
+    text = load_text(eval_cfg.data)
+    windows = make_windows(tok, text, eval_cfg.seqlen, cfg.samples, bos=eval_cfg.bos, source=eval_cfg.data)
+    pool = np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
+    meta: dict[str, Any] = {"model": {"id": info["id"], "dtype": info["dtype"]}, "text": windows.describe(),
+                            "thresholds": None}
+    if thresholds:
+        thr = Thresholds.load(thresholds)
+        sparsify_(model, thr, info["id"])
+        meta["thresholds"] = {"site": thr.site, "mean_target": float(thr.targets.mean()), "sha": _thresholds_sha(thr)}
+    try:
+        run_predictability(model, windows, pool, cfg, meta)
+    finally:
+        unsparsify_(model)
+    return Path(cfg.out) / "report.md"
+
+
+# -- demo --------------------------------------------------------------------------------------------
+def run_predictor_demo(out: str | Path = "runs/demo/predictors", seqlen: int = 512, eval_windows: int = 2,
+                       progress: bool = True) -> Path:
+    """A short predictor run on SmolLM2-135M (~2 minutes on 2 CPU cores); returns the report path.
+
+    Calibrates 50% ``intermediate`` thresholds on 4 WikiText-2 validation windows, collects pairs from 6
+    more (2 held out), builds the static hot-neuron mask (``cluster`` k = 1) with and without the
+    4-neuron guard (:func:`~dormant.llm.predictors.base.guard_neurons`) and trains a rank-32 ``lowrank``
+    predictor with the guard, and scores them on ``eval_windows`` test windows (open-loop metrics,
+    perplexity dense / oracle / predicted). Every step resumes from its files.
+    """
+    from dormant.llm.adapters import ffn_layout
+    from dormant.llm.models import ModelConfig, load_model
+    from dormant.llm.predictors.cluster import ClusterConfig
+    from dormant.llm.predictors.lowrank import LowRankConfig
+    from dormant.llm.sites import site_taps
+    from dormant.llm.stats import StatsConfig, collect_stats
+    from dormant.llm.sweep import EvalConfig, load_eval_windows
+    from dormant.llm.text import load_text, make_windows
+    from dormant.llm.thresholds import Thresholds
+
+    out = Path(out)
+    loaded = load_model(ModelConfig("smollm2-135m"))
+    model, tok, info = loaded
+    thr_path = out / "thresholds.safetensors"
+    valid = load_text("wikitext2-valid")
+    if not thr_path.is_file():
+        cal = make_windows(tok, valid, seqlen, 4, source="wikitext2-valid")
+        stats = collect_stats(model, cal.ids, site_taps("intermediate", ffn_layout(model)),
+                              StatsConfig(progress=progress), info["id"], cal.describe())
+        stats.thresholds(0.5, "intermediate").save(thr_path)
+    pairs = PairsConfig(pairs=str(out / "pairs"), train_windows=6, train_seqlen=seqlen, heldout_windows=2)
+    # The pair windows are the 6 validation windows after the 4 calibration ones (skip via a longer read).
+    if not (out / "pairs" / "pairs.json").is_file():
+        from dormant.llm.sparsify import sparsify_, unsparsify_
+
+        w = make_windows(tok, valid, seqlen, 6, skip=4, source="wikitext2-valid")
+        sparsify_(model, Thresholds.load(thr_path), info["id"])
+        try:
+            collect_pairs(model, w.ids, out / "pairs", 2, info["id"], w.describe(), progress)
+        finally:
+            unsparsify_(model)
+    preds = {}
+    for name, kind, cfg, init, guard in (
+        ("static_k1", "cluster", ClusterConfig(k=1, epochs=1), None, None),
+        ("static_k1_guard4", "cluster", ClusterConfig(k=1, epochs=1), out / "static_k1.safetensors", 4),
+        ("lowrank_r32_guard4", "lowrank", LowRankConfig(rank=32, epochs=3), None, 4),
+    ):
+        path = out / f"{name}.safetensors"
+        if not path.is_file():
+            run = FitRunConfig(kind=kind, thresholds=str(thr_path), out=str(path), progress=progress,
+                               init=None if init is None else str(init), guard=guard)
+            fit_predictor(ModelConfig("smollm2-135m"), pairs, run, cfg, loaded=loaded)
+        preds[name] = load_predictor(path)
+    windows = load_eval_windows(tok, EvalConfig(seqlen=seqlen, max_windows=eval_windows))
+    evaluate_loaded(model, info, windows, Thresholds.load(thr_path), preds, out / "eval", progress=progress,
+                    key=f"demo-{seqlen}-{eval_windows}")
+    return out / "eval" / "report.md"

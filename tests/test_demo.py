@@ -26,4 +26,4 @@ def test_demo_runs_steps_once_and_links_their_reports(tmp_path, monkeypatch):
 
 
 def test_demo_steps_are_the_documented_ones():
-    assert list(demo.STEPS) == ["sparsity", "analysis", "offload", "snn"]
+    assert list(demo.STEPS) == ["sparsity", "analysis", "predictors", "offload", "snn", "snn_compare"]

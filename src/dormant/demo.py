@@ -5,8 +5,10 @@ Steps (each writes its own report under ``--out``; ``report.md`` there links the
 =============  ========================================================================================
 sparsity       SmolLM2-135M sparsity-perplexity sweep (paper and intermediate sites, 0/30/50%)
 analysis       natural sparsity, |a| CDFs and per-token FFN bytes/FLOPs under each execution policy
+predictors     active-neuron predictors (static hot set, low-rank) scored open and closed loop
 offload        prefetch simulation of FFN weights on a Raspberry Pi 5 (microSD and NVMe)
 snn            ResNet-20 to a spiking network, plain conversion vs FTBC, accuracy after every step
+snn_compare    MNIST LeNet: plain, BC, PC, RTS, FTBC, QCFS, QCFS+FTBC; SOPs, energy, firing rates
 =============  ========================================================================================
 
 A finished step is recorded in ``steps.jsonl`` and skipped when the demo is run again (``--fresh``
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     out: str = field("runs/demo", help="output folder of the demo")
     steps: list[str] = field(default_factory=lambda: list(STEPS), help="steps to run: " + ", ".join(
-        ["sparsity", "analysis", "offload", "snn"]))
+        ["sparsity", "analysis", "predictors", "offload", "snn", "snn_compare"]))
     windows: int = field(4, help="evaluation windows per sweep point")
     seqlen: int = field(512, help="tokens per window")
     fresh: bool = field(False, help="rerun steps that already finished")
@@ -65,17 +67,31 @@ def _offload(cfg: DemoConfig, out: Path) -> Path:
     return run_offload_demo(out=out, thresholds=str(thr) if thr.exists() else None)
 
 
+def _predictors(cfg: DemoConfig, out: Path) -> Path:
+    from dormant.llm.predictors.pipeline import run_predictor_demo
+
+    return run_predictor_demo(out, seqlen=cfg.seqlen, progress=False)
+
+
 def _snn(cfg: DemoConfig, out: Path) -> Path:
     from dormant.snn.experiment import run_demo
 
     return run_demo(out)
 
 
+def _snn_compare(cfg: DemoConfig, out: Path) -> Path:
+    from dormant.snn.report import run_report_demo
+
+    return run_report_demo(out)
+
+
 STEPS: dict[str, tuple[str, Callable[[DemoConfig, Path], Path]]] = {
     "sparsity": ("SmolLM2-135M sparsity vs WikiText-2 perplexity", _sparsity),
     "analysis": ("What sparsity buys: natural sparsity and FFN bytes/FLOPs per token", _analysis),
+    "predictors": ("Predicting active neurons before their weights are loaded", _predictors),
     "offload": ("Offloading FFN weights to flash: prefetch simulation", _offload),
     "snn": ("ResNet-20 as a spiking network: plain conversion vs FTBC", _snn),
+    "snn_compare": ("Conversion methods compared: accuracy, energy, firing rates (MNIST LeNet)", _snn_compare),
 }
 
 

@@ -1,5 +1,6 @@
-"""``dormant snn convert | sweep``: flags map 1:1 onto :class:`RunConfig`, :class:`ConvertConfig` and
-:class:`FTBCConfig` (FTBC flags are prefixed ``--ftbc-``)."""
+"""``dormant snn convert | sweep | report | train-qcfs``: flags map 1:1 onto :class:`RunConfig`,
+:class:`ConvertConfig`, :class:`FTBCConfig` (prefixed ``--ftbc-``), :class:`CorrectionConfig` (``--corr-``),
+:class:`EnergyConfig` (``--energy-``) and :class:`QCFSTrainConfig`."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import argparse
 from dataclasses import dataclass
 
 from dormant.config import add_config_args, config_from_args, field
-from dormant.snn.configs import ConvertConfig, FTBCConfig, RunConfig
+from dormant.snn.configs import (
+    ConvertConfig,
+    CorrectionConfig,
+    EnergyConfig,
+    FTBCConfig,
+    QCFSTrainConfig,
+    RunConfig,
+)
 
 
 @dataclass
 class ConvertCommandConfig:
     T: int = field(32, help="time steps")
-    calibrate: str = field("ftbc", help="calibration method: none | ftbc")
+    calibrate: str = field("ftbc", help="calibration method: none | bc | pc | rts | ftbc")
 
 
 @dataclass
@@ -22,14 +30,24 @@ class SweepCommandConfig:
     methods: list[str] = field(default_factory=lambda: ["none", "ftbc"], help="calibration methods")
 
 
+@dataclass
+class ReportCommandConfig:
+    T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="time steps to report")
+    methods: list[str] = field(default_factory=lambda: ["none", "bc", "pc", "rts", "ftbc"],
+                               help="calibrations of the ReLU network")
+    qcfs_methods: list[str] = field(default_factory=lambda: ["none", "ftbc"],
+                                    help="calibrations of the QCFS network (with --qcfs)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     add_config_args(p, RunConfig)
     add_config_args(p, ConvertConfig)
     add_config_args(p, FTBCConfig, prefix="ftbc-")
+    add_config_args(p, CorrectionConfig, prefix="corr-")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    snn = sub.add_parser("snn", help="ANN->SNN conversion with FTBC (convert, sweep)")
+    snn = sub.add_parser("snn", help="ANN->SNN conversion with FTBC (convert, sweep, report, train-qcfs)")
     ssub = snn.add_subparsers(dest="snn_command", required=True, metavar="SNN_COMMAND")
     p = ssub.add_parser("convert", help="convert a model, calibrate, evaluate after every step, save the network")
     add_config_args(p, ConvertCommandConfig)
@@ -39,11 +57,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_args(p, SweepCommandConfig)
     _add_common(p)
     p.set_defaults(handler=_sweep)
+    p = ssub.add_parser("report", help="one page comparing plain, BC, PC, RTS, FTBC (and QCFS, QCFS+FTBC with --qcfs): "
+                                       "accuracy vs T, calibration time, SOPs/energy, firing rates")
+    add_config_args(p, ReportCommandConfig)
+    _add_common(p)
+    add_config_args(p, EnergyConfig, prefix="energy-")
+    p.set_defaults(handler=_report)
+    p = ssub.add_parser("train-qcfs", help="fine-tune a zoo ReLU CNN into a QCFS CNN (resumable, checkpoint per epoch)")
+    add_config_args(p, QCFSTrainConfig)
+    p.set_defaults(handler=_train_qcfs)
 
 
 def _configs(ns: argparse.Namespace) -> tuple[RunConfig, ConvertConfig, FTBCConfig]:
     return (config_from_args(RunConfig, ns), config_from_args(ConvertConfig, ns),
             config_from_args(FTBCConfig, ns, prefix="ftbc-"))
+
+
+def _corr(ns: argparse.Namespace) -> CorrectionConfig:
+    return config_from_args(CorrectionConfig, ns, prefix="corr-")
 
 
 def _convert(ns: argparse.Namespace) -> int:
@@ -53,7 +84,7 @@ def _convert(ns: argparse.Namespace) -> int:
 
     cc = config_from_args(ConvertCommandConfig, ns)
     run, conv, ftbc = _configs(ns)
-    run_sweep(run, conv, ftbc, T=[cc.T], methods=[cc.calibrate], save_network=True)
+    run_sweep(run, conv, ftbc, T=[cc.T], methods=[cc.calibrate], save_network=True, corr=_corr(ns))
     print(f"report: {Path(run.out) / 'report.md'}\nnetwork: {Path(run.out) / f'snn_{cc.calibrate}_T{cc.T}.safetensors'}")
     return 0
 
@@ -65,6 +96,25 @@ def _sweep(ns: argparse.Namespace) -> int:
 
     sc = config_from_args(SweepCommandConfig, ns)
     run, conv, ftbc = _configs(ns)
-    run_sweep(run, conv, ftbc, T=sc.T, methods=sc.methods)
+    run_sweep(run, conv, ftbc, T=sc.T, methods=sc.methods, corr=_corr(ns))
     print(f"report: {Path(run.out) / 'report.md'}")
+    return 0
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from dormant.snn.report import run_report
+
+    rc = config_from_args(ReportCommandConfig, ns)
+    run, conv, ftbc = _configs(ns)
+    path = run_report(run, conv, ftbc, _corr(ns), config_from_args(EnergyConfig, ns, prefix="energy-"), T=rc.T,
+                      methods=rc.methods, qcfs_methods=rc.qcfs_methods)
+    print(f"report: {path}")
+    return 0
+
+
+def _train_qcfs(ns: argparse.Namespace) -> int:
+    from dormant.snn.qcfs import train_qcfs
+
+    path = train_qcfs(config_from_args(QCFSTrainConfig, ns))
+    print(f"QCFS model: {path}")
     return 0

@@ -16,6 +16,8 @@ The recipe of threshold-balanced rate conversion (Diehl et al. 2015; Rueckauer e
    pooling (``maxpool="spike_count"``, see :mod:`dormant.snn.neurons`) or is moved in front of the neuron,
    ``maxpool(relu(z)) = relu(maxpool(z))`` (``maxpool="pre_neuron"``, max over per-step currents as in Bu et al.
    2024's LTB).
+5. A :class:`~dormant.snn.qcfs.QCFS` activation (Bu et al., ICLR 2022) becomes an IF neuron whose threshold is its
+   trained clip value theta (no activation statistics) and whose ANN mode is the QCFS activation itself.
 
 Supported operations: modules Conv1d/2d, Linear, BatchNorm1d/2d, ReLU, AvgPool1d/2d, AdaptiveAvgPool1d/2d,
 MaxPool2d, Flatten, Identity, Dropout (eval: identity), :class:`~dormant.snn.models.ZeroPadShortcut`; functions
@@ -42,6 +44,7 @@ from dormant.snn.configs import ConvertConfig
 from dormant.snn.models import ZeroPadShortcut
 from dormant.snn.network import SpikingNetwork
 from dormant.snn.neurons import IFNeuron, SpikeMaxPool2d
+from dormant.snn.qcfs import QCFS
 
 __all__ = [
     "ConvertConfig",
@@ -61,7 +64,7 @@ class ConversionError(ValueError):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, ZeroPadShortcut) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (ZeroPadShortcut, QCFS)) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -82,7 +85,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
 _STATELESS_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d,
                       nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d,
                       nn.Dropout2d, ZeroPadShortcut)
-_MODULE_NAMES = "Conv1d/2d, Linear, BatchNorm1d/2d, ReLU, AvgPool1d/2d, AdaptiveAvgPool1d/2d, MaxPool2d, Flatten, " \
+_ACTIVATIONS = (nn.ReLU, QCFS)
+_MODULE_NAMES = "Conv1d/2d, Linear, BatchNorm1d/2d, ReLU, QCFS, AvgPool1d/2d, AdaptiveAvgPool1d/2d, MaxPool2d, Flatten, " \
                 "Identity, Dropout, ZeroPadShortcut"
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_, F.relu6, F.leaky_relu, torch.clamp, torch.clip}
 _RELU_METHODS = {"relu", "relu_", "clamp", "clamp_", "clip"}
@@ -143,7 +147,10 @@ def _check(gm: fx.GraphModule) -> None:
         where = f"node {node.name!r} ({node.format_node()})"
         if node.op == "call_module":
             m = mods[node.target]
-            if isinstance(m, nn.ReLU) or isinstance(m, _STATELESS_MODULES):
+            if isinstance(m, _ACTIVATIONS) or isinstance(m, _STATELESS_MODULES):
+                if isinstance(m, QCFS) and (m.phi != 0.5 or float(m.theta.detach()) <= 0):
+                    raise ConversionError(f"{where}: QCFS needs shift phi = 1/2 and theta > 0 to convert "
+                                          f"(phi={m.phi}, theta={float(m.theta.detach()):.4g})")
                 if isinstance(m, nn.Flatten) and m.start_dim == 0:
                     raise ConversionError(f"{where}: Flatten(start_dim=0) would mix time steps; use start_dim=1")
                 continue
@@ -234,7 +241,7 @@ def _move_maxpool_before_relu(gm: fx.GraphModule) -> None:
         if pool.op != "call_module" or not isinstance(mods[pool.target], nn.MaxPool2d):
             continue
         relu = pool.args[0]
-        if not (isinstance(relu, fx.Node) and relu.op == "call_module" and isinstance(mods[relu.target], nn.ReLU)
+        if not (isinstance(relu, fx.Node) and relu.op == "call_module" and isinstance(mods[relu.target], _ACTIVATIONS)
                 and len(relu.users) == 1):
             raise ConversionError(f"maxpool='pre_neuron' needs ReLU -> MaxPool2d with no other use of the ReLU "
                                   f"output (at {pool.name!r}); use maxpool='spike_count'")
@@ -270,9 +277,13 @@ def build_spiking_network(ann: nn.Module, example: torch.Tensor, cfg: ConvertCon
         if node.op != "call_module":
             continue
         m = mods[node.target]
-        if isinstance(m, nn.ReLU):
+        if isinstance(m, _ACTIVATIONS):
             channels = node.meta["tensor_meta"].shape[1]
-            gm.add_submodule(f"neurons.{node.name}", IFNeuron(torch.ones(channels), v0=cfg.v0, shift=cfg.shift))
+            if isinstance(m, QCFS):  # threshold = the trained clip value, ANN mode = the QCFS activation
+                neuron = IFNeuron(m.theta.detach().float().expand(channels), cfg.v0, cfg.shift, levels=m.levels)
+            else:
+                neuron = IFNeuron(torch.ones(channels), v0=cfg.v0, shift=cfg.shift)
+            gm.add_submodule(f"neurons.{node.name}", neuron)
             node.target = f"neurons.{node.name}"
         elif isinstance(m, nn.MaxPool2d) and cfg.maxpool == "spike_count":
             gm.add_submodule(f"pools.{node.name}", SpikeMaxPool2d(m))
@@ -283,7 +294,7 @@ def build_spiking_network(ann: nn.Module, example: torch.Tensor, cfg: ConvertCon
     info.update({"convert": asdict(cfg), "input_shape": list(example.shape[1:])})
     snn = SpikingNetwork(gm, info)
     if not snn.neurons:
-        raise ConversionError("the network has no nn.ReLU module: nothing to convert into spiking neurons")
+        raise ConversionError("the network has no nn.ReLU or QCFS module: nothing to convert into spiking neurons")
     return snn
 
 
@@ -306,9 +317,12 @@ def activation_thresholds(snn: SpikingNetwork, x: torch.Tensor, cfg: ConvertConf
     """Thresholds ``[C]`` per neuron from the ANN-mode (ReLU) activations on training inputs ``x`` ``[N, ...]``.
 
     ``theta = scale * Q_q(a)`` with ``Q_q`` the nearest-rank q-quantile of all values of the layer (or of each
-    channel): the value at 0-based descending rank ``n - ceil(q n)`` among ``n`` values.
+    channel): the value at 0-based descending rank ``n - ceil(q n)`` among ``n`` values. Neurons converted from
+    QCFS (``levels > 0``) keep their trained threshold and are skipped.
     """
-    names = list(snn.neurons)
+    names = [name for name, nrn in snn.neurons.items() if not int(nrn.levels)]
+    if not names:
+        return {}
     n_img = len(x)
     q = cfg.quantile
     tops: dict[str, _TopK] = {}
@@ -361,6 +375,8 @@ def convert(ann: nn.Module, x: torch.Tensor, cfg: ConvertConfig | None = None, *
     """
     cfg = cfg or ConvertConfig()
     snn = build_spiking_network(ann, x[:1], cfg, meta).to(device)
-    set_thresholds_(snn, activation_thresholds(snn, x, cfg, batch_size, progress))
+    thresholds = {name: nrn.theta.cpu() for name, nrn in snn.neurons.items()}  # QCFS: trained theta
+    thresholds.update(activation_thresholds(snn, x, cfg, batch_size, progress))
+    set_thresholds_(snn, thresholds)
     snn.meta["threshold_data"] = {"n": len(x)}
     return snn

@@ -6,7 +6,7 @@ normalisation is applied by :meth:`ImageSet.tensors`. Files are found through :f
 | name | splits | source |
 |---|---|---|
 | ``cifar10-lossless`` | train (images 0..3999 of data_batch_1), test (0..999) | bit-exact npz slices |
-| ``cifar10-jpeg`` | train (50,000), test (10,000) | JPEG q75 zips: lossy, not "CIFAR-10 accuracy" |
+| ``cifar10-jpeg`` | train (50,000), test (10,000), round-robin over classes | JPEG q75 zips: lossy, not "CIFAR-10 accuracy" |
 | ``cifar10`` | train (50,000), test (10,000) | the official python archive (Krizhevsky 2009) |
 | ``mnist`` | train (60,000), test (10,000) | IDX gz files (LeCun et al.) |
 """
@@ -75,15 +75,24 @@ class ImageSet:
         return {"name": self.name, "n": len(self), "shape": list(self.x.shape[1:])}
 
 
-def split_holdout(data: ImageSet, holdout: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+def split_holdout(data: ImageSet, holdout: int, seed: int = 0, calib_n: int | None = None
+                  ) -> tuple[ImageSet, ImageSet]:
     """Split a training set into (calibration, held-out) parts with a seeded permutation.
 
     The held-out part is for early stopping / selection of calibration knobs: it is training data, never test.
+    ``calib_n`` keeps only the first ``calib_n`` calibration images (the same as ``.head(calib_n)`` on the
+    calibration part, without copying the rest).
     """
     if not 0 <= holdout < len(data):
         raise ValueError(f"holdout {holdout} must be in [0, {len(data)})")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(perm[holdout:], f"calib,seed={seed}"), data.subset(perm[:holdout], f"holdout,seed={seed}")
+    rest = perm[holdout:]
+    if calib_n is not None and calib_n < len(rest):
+        calib = data.subset(rest[:calib_n], f"calib,seed={seed}")
+        calib.name += f"[:{calib_n}]"
+    else:
+        calib = data.subset(rest, f"calib,seed={seed}")
+    return calib, data.subset(perm[:holdout], f"holdout,seed={seed}")
 
 
 def _npz(source: str, name: str, path: str | None) -> ImageSet:
@@ -101,7 +110,12 @@ def _cifar_lossless(split: str, path: str | None) -> ImageSet:
 
 
 def _cifar_jpeg(split: str, path: str | None) -> ImageSet:
-    """Decode ``<split>/<class>/NNNN.jpg`` (ordered by class, then index) with Pillow (a matplotlib dependency)."""
+    """Decode ``<split>/<class>/NNNN.jpg`` with Pillow (a matplotlib dependency).
+
+    ``NNNN`` is the image's index within its class in the official order. Images are ordered round-robin over
+    the classes (index 0 of every class, then index 1, ...), so the first N images are class-balanced and, for the
+    test split, close to the official first N (the first 1000 hold the first ~100 test images of every class).
+    """
     from PIL import Image
 
     from dormant.data import resolve
@@ -115,7 +129,7 @@ def _cifar_jpeg(split: str, path: str | None) -> ImageSet:
             if len(parts) < 3 or parts[-2] not in CIFAR10_CLASSES:
                 raise ValueError(f"unexpected member {n!r} in the CIFAR-10 JPEG zip (want <split>/<class>/NNNN.jpg)")
             keyed.append((CIFAR10_CLASSES.index(parts[-2]), int(Path(parts[-1]).stem), n))
-        for label, _, n in sorted(keyed):
+        for _, label, n in sorted((i, c, n) for c, i, n in keyed):
             with Image.open(io.BytesIO(z.read(n))) as im:
                 xs.append(np.asarray(im.convert("RGB")))
             ys.append(label)

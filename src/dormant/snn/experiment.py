@@ -13,6 +13,7 @@ FTBC: Wu et al., ECCV 2024, arXiv 2403.18388.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,54 +26,86 @@ import torch
 
 from dormant.artifacts import ArtifactError, append_jsonl, atomic_write_text, read_jsonl
 from dormant.snn.calibrate import CalibrationData, get_calibration
-from dormant.snn.configs import ConvertConfig, FTBCConfig, RunConfig
+from dormant.snn.configs import ConvertConfig, CorrectionConfig, FTBCConfig, RunConfig
 from dormant.snn.convert import convert
 from dormant.snn.ftbc import FTBCResult
 
-__all__ = ["RunConfig", "run_sweep", "write_report", "run_demo"]
+__all__ = ["RunConfig", "run_sweep", "write_report", "run_demo", "served_eval"]
 
 log = logging.getLogger(__name__)
 
 
-def _key(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig) -> str:
+def _key(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, corr: CorrectionConfig | None = None) -> str:
     d = asdict(run)
     for k in ("batch_size", "chunk", "device", "threads", "out", "progress"):
         d.pop(k)
-    d.update(convert=asdict(conv), ftbc=asdict(ftbc))
+    if d["qcfs"] is None:
+        d.pop("qcfs")  # keeps the keys of runs made before QCFS existed
+    d.update(convert=asdict(conv))
+    if ftbc is not None:
+        d.update(ftbc=asdict(ftbc))
+    if corr is not None:
+        d.update(correction=asdict(corr))
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=4)
+def _load_dataset_cached(name: str, split: str, path: str | None):
+    """Datasets are read-only here; a report runs several sweeps on the same splits in one process."""
+    from dormant.snn.datasets import load_dataset
+
+    return load_dataset(name, split, path)
+
+
 def _prepare(run: RunConfig):
-    from dormant.snn.datasets import load_dataset, split_holdout
+    from dormant.snn.datasets import split_holdout
     from dormant.snn.models import load_model
 
-    model, spec = load_model(run.model, run.weights)
+    load_dataset = _load_dataset_cached
+
+    if run.qcfs:
+        from dormant.snn.models import MODELS
+        from dormant.snn.qcfs import load_qcfs_model
+
+        model, qmeta = load_qcfs_model(run.qcfs)
+        if qmeta["model"] != run.model:
+            raise ValueError(f"{run.qcfs} is a QCFS {qmeta['model']}, but --model is {run.model}")
+        spec = MODELS[run.model]
+    else:
+        model, spec = load_model(run.model, run.weights)
     data = run.data or spec.default_data
     train = load_dataset(data, "train", run.data_path)
-    calib, held = split_holdout(train, run.holdout, run.split_seed)
-    calib = calib.head(run.calib_images)
+    calib, held = split_holdout(train, run.holdout, run.split_seed, run.calib_images)
     test = load_dataset(data, "test", run.data_path).head(run.test_images)
     return model, spec, calib, held, test
 
 
 def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int], methods: list[str],
-              save_network: bool = False) -> list[dict[str, Any]]:
+              save_network: bool = False, corr: CorrectionConfig | None = None, report: bool = True
+              ) -> list[dict[str, Any]]:
     """Run (or resume) the experiment; returns its records and writes the report files into ``run.out``.
 
     Args:
-        run: model, data split and execution options.
+        run: model (``run.qcfs``: a trained QCFS checkpoint instead of the ReLU net), data split and execution
+            options.
         conv: conversion options.
         ftbc: FTBC options (used by the ``ftbc`` method).
         T: time-step counts to report.
         methods: calibration names (:data:`dormant.snn.calibrate.CALIBRATIONS`).
         save_network: also save the converted network with each method's state for ``max(T)``
             (``snn_<method>_T<T>.safetensors``).
+        corr: options of the ``bc``/``pc`` corrections (default :class:`CorrectionConfig`).
+        report: write ``report.md``, the CSVs and the plot (``False`` when a caller assembles its own page).
     """
+    from dormant.snn.energy import synaptic_layers
     from dormant.snn.network import SpikingNetwork
     from dormant.snn.simulate import evaluate_ann, evaluate_snn, resolve_device
 
     for m in methods:
         get_calibration(m)  # fail early on a bad name
+    uses_corr = any(m in ("bc", "pc") for m in methods)
+    corr = corr or CorrectionConfig()
+    method_cfg = {"ftbc": ftbc, "bc": corr, "pc": corr}
     if not T or min(T) < 1:
         raise ValueError("T must list positive step counts")
     if run.threads:
@@ -80,7 +113,8 @@ def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    key = _key(run, conv, ftbc)
+    # the key covers the configs of the methods run here only, so methods can also live in separate folders
+    key = _key(run, conv, ftbc if "ftbc" in methods else None, corr if uses_corr else None)
     old = read_jsonl(results)
     if any(r.get("key") != key for r in old):
         raise ArtifactError(f"{results} holds results of another configuration; use another --out")
@@ -116,6 +150,8 @@ def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int
         snn.meta["threshold_data"] = calib.describe()
         snn.save(net_path)
         log.info("converted %s in %.1f s (%d neuron layers)", run.model, time.perf_counter() - start, len(snn.neurons))
+    if find(kind="costs") is None:
+        add({"kind": "costs", "layers": {k: asdict(v) for k, v in synaptic_layers(snn).items()}})
     data = CalibrationData(xc, (xh, yh) if len(yh) else None, run.chunk, run.batch_size, run.progress)
     t_max = max(T)
     for method in methods:
@@ -126,7 +162,8 @@ def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int
             try:
                 outcome = spec_m.load(path)
             except ArtifactError:
-                outcome = spec_m.run(snn, data, horizon, ftbc if method == "ftbc" else None)
+                snn.reset_calibration_()
+                outcome = spec_m.run(snn, data, horizon, method_cfg.get(method))
                 outcome.save(path)
             served = [t for t in sorted(set(T)) if t <= horizon and (spec_m.causal or t == horizon)]
             selected = {t: outcome.select(t) for t in served}
@@ -144,36 +181,44 @@ def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int
                     t_run = max(t for t, kk in selected.items() if kk == k)
                     if find(kind="eval", method=method, calib_T=horizon, snapshot=k, T=t_run) is not None:
                         continue
-                    outcome.apply_(snn, t_run, k)
+                    snn.reset_calibration_()
+                    outcome.apply_(snn, t_run if spec_m.causal else horizon, k)
                     ev = evaluate_snn(snn, xt, yt, t_run, batch_size=run.batch_size, chunk=run.chunk,
                                       progress=run.progress, desc=f"{method} test T={t_run}")
                     add({"kind": "eval", "method": method, "calib_T": horizon, "snapshot": k, **ev.to_dict(),
                          "T": t_run})
                     log.info("%s (snapshot %d) T=%d: test accuracy %.4f", method, k, t_run, ev.at(t_run))
             if save_network:
+                snn.reset_calibration_()
                 outcome.apply_(snn, t_max if spec_m.causal else horizon)
                 snn.meta["calibration"] = {"method": method, "T": horizon}
                 snn.save(out / f"snn_{method}_T{horizon}.safetensors")
-    write_report(out, records, run, conv, ftbc, T, methods)
+    if report:
+        write_report(out, records, run, conv, ftbc, T, methods)
     return records
+
+
+def served_eval(records: list[dict[str, Any]], method: str, t: int) -> dict[str, Any] | None:
+    """The evaluation record that gives ``method``'s test accuracy at ``T = t``: the run of the calibration
+    variant selected for ``t`` (on held-out training data), simulated for at least ``t`` steps."""
+    cals = sorted((r for r in records if r["kind"] == "calibration" and r["method"] == method
+                   and str(t) in r["selected"]), key=lambda r: r["T"])
+    if not cals:
+        return None
+    c = cals[0]
+    k = c["selected"][str(t)]
+    return next((e for e in records if e["kind"] == "eval" and e["method"] == method and e["calib_T"] == c["T"]
+                 and e["snapshot"] == k and e["T"] >= t), None)
 
 
 def _table_by_T(records: list[dict[str, Any]], T: list[int], methods: list[str]) -> tuple[list[str], list[list]]:
     """Test accuracy at each T per method (using the variant selected for that T)."""
-    cal = {(r["method"], r["T"]): r for r in records if r["kind"] == "calibration"}
-    evals = [r for r in records if r["kind"] == "eval"]
     rows = []
     for t in sorted(set(T)):
         row: list[Any] = [t]
         for m in methods:
-            c = next((c for (mm, ht), c in sorted(cal.items()) if mm == m and str(t) in c["selected"]), None)
-            acc = None
-            if c is not None:
-                k = c["selected"][str(t)]
-                ev = next((e for e in evals if e["method"] == m and e["calib_T"] == c["T"] and e["snapshot"] == k
-                           and e["T"] >= t), None)
-                acc = None if ev is None else 100 * ev["accuracy"][t - 1]
-            row.append("" if acc is None else round(acc, 2))
+            ev = served_eval(records, m, t)
+            row.append("" if ev is None else round(100 * ev["accuracy"][t - 1], 2))
         rows.append(row)
     return ["T"] + methods, rows
 

@@ -80,6 +80,18 @@ class SpikingNetwork(nn.Module):
         for m in self.stateful():
             m.reset()
 
+    def reset_calibration_(self) -> None:
+        """Put every neuron back to plain conversion: no FTBC/constant bias, ``v[0] = v0 * theta`` and ``shift``
+        as the conversion config says (``meta["convert"]``). Thresholds and weights are not touched."""
+        conv = self.meta.get("convert", {})
+        for nrn in self.neurons.values():
+            dev = nrn.theta.device
+            nrn.step_bias = torch.zeros(0, nrn.channels, device=dev)
+            nrn.bias = torch.zeros(nrn.channels, device=dev)
+            nrn.v_init = torch.zeros(0, device=dev)
+            nrn.v0, nrn.shift = float(conv.get("v0", nrn.v0)), float(conv.get("shift", nrn.shift))
+            nrn.reset()
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.net.buffers())).device
@@ -183,7 +195,9 @@ class SpikingNetwork(nn.Module):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load tensors saved by :meth:`state_tensors`; keys must match exactly (shapes of neuron state may differ)."""
         own = self.net.state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        # neuron ``levels`` (QCFS) is absent from artifacts written before it existed: those neurons are ReLU (0)
+        missing = sorted(k for k in set(own) - set(tensors) if not k.endswith(".levels"))
+        unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
             raise ArtifactError(f"saved network does not fit this structure: missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]}")
@@ -191,7 +205,7 @@ class SpikingNetwork(nn.Module):
             owner, _, attr = key.rpartition(".")
             mod = self.net.get_submodule(owner)
             cur = getattr(mod, attr)
-            if isinstance(mod, IFNeuron) and attr in ("step_bias", "v_init", "theta", "bias"):
+            if isinstance(mod, IFNeuron) and attr in ("step_bias", "v_init", "theta", "bias", "levels"):
                 setattr(mod, attr, value.to(cur.device, cur.dtype).clone())
             elif cur.shape != value.shape:
                 raise ArtifactError(f"{key}: saved shape {tuple(value.shape)} != {tuple(cur.shape)}")
@@ -200,8 +214,13 @@ class SpikingNetwork(nn.Module):
                     cur.copy_(value)
 
     def save(self, path: str | Path) -> Path:
-        """Write weights, thresholds and neuron state (FTBC biases included) as one versioned artifact."""
-        return save_artifact(path, self.KIND, self.VERSION, self.state_tensors(), self.meta)
+        """Write weights, thresholds and neuron state (FTBC biases, constant biases, initial membranes, and
+        ``v0``/``shift`` where they differ from the conversion config) as one versioned artifact."""
+        conv = self.meta.get("convert", {})
+        scalars = {name: {"v0": n.v0, "shift": n.shift} for name, n in self.neurons.items()
+                   if (n.v0, n.shift) != (conv.get("v0"), conv.get("shift"))}
+        meta = {**self.meta, "neuron_scalars": scalars}
+        return save_artifact(path, self.KIND, self.VERSION, self.state_tensors(), meta)
 
     @classmethod
     def load(cls, path: str | Path, ann: nn.Module | None = None) -> SpikingNetwork:
@@ -221,6 +240,10 @@ class SpikingNetwork(nn.Module):
             example = torch.zeros(1, *meta["input_shape"])
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: malformed SpikingNetwork meta ({e})") from e
+        scalars = meta.pop("neuron_scalars", {})
         snn = build_spiking_network(ann, example, cfg, meta=meta)
         snn.load_state_tensors(tensors)
+        neurons = snn.neurons
+        for name, sc in scalars.items():
+            neurons[name].v0, neurons[name].shift = float(sc["v0"]), float(sc["shift"])
         return snn

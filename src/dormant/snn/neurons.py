@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dormant.snn.qcfs import qcfs
+
 __all__ = ["IFNeuron", "SpikeMaxPool2d"]
 
 
@@ -48,13 +50,16 @@ class IFNeuron(nn.Module):
         theta: ``[C]`` thresholds (positive).
         v0: initial membrane in units of theta (``v[0] = v0 * theta``).
         shift: per-step membrane shift in units of theta.
+        levels: 0 for a neuron converted from a ReLU; ``L`` for one converted from a QCFS activation with ``L``
+            levels (its ANN mode is then that activation, :func:`dormant.snn.qcfs.qcfs`).
     """
 
-    def __init__(self, theta: torch.Tensor, v0: float = 0.5, shift: float = 0.0):
+    def __init__(self, theta: torch.Tensor, v0: float = 0.5, shift: float = 0.0, levels: int = 0):
         super().__init__()
         theta = torch.as_tensor(theta, dtype=torch.float32).reshape(-1)
         self.v0, self.shift = float(v0), float(shift)
         self.register_buffer("theta", theta.clone())
+        self.register_buffer("levels", torch.tensor(int(levels)))
         self.register_buffer("bias", torch.zeros_like(theta))
         self.register_buffer("step_bias", torch.zeros(0, len(theta)))
         self.register_buffer("v_init", torch.zeros(0))  # empty: v(0) = v0 * theta
@@ -115,8 +120,10 @@ class IFNeuron(nn.Module):
         v = self._v
         shape = self._bshape(x)
         theta = self.theta.view(shape).to(x.dtype)
-        # x[t] + beta[t] for the whole chunk at once (calibrate_ftbc_ does the same addition step by step)
-        drive = x + self.beta(self._t, len(x)).to(x.dtype).view(len(x), 1, *shape)
+        # x[t] + beta[t] for the whole chunk at once (calibrate_ftbc_ does the same addition step by step);
+        # skipped when beta is all zero (plain conversion), which gives the same values
+        beta = self.beta(self._t, len(x))
+        drive = x + beta.to(x.dtype).view(len(x), 1, *shape) if bool(beta.any()) else x
         out = torch.empty_like(x)
         spike = torch.empty(x.shape[1:], dtype=torch.bool, device=x.device)
         zero = theta.new_zeros(())
@@ -173,14 +180,19 @@ class IFNeuron(nn.Module):
         return out
 
     def ann(self, x: torch.Tensor, clip: bool = False) -> torch.Tensor:
-        """ANN counterpart: ``relu(x)``, or ``clamp(x, 0, theta)`` when ``clip``."""
-        if not clip:
+        """ANN counterpart of ``x`` ``[N, C, *S]``: ``relu(x)``, or ``clamp(x, 0, theta)`` when ``clip``; for a
+        neuron converted from QCFS (``levels > 0``) always the QCFS activation with clip theta (shift 1/2)."""
+        L = int(self.levels)
+        if not clip and not L:
             return torch.relu(x)
         theta = self.theta.view((self.channels,) + (1,) * (x.dim() - 2)).to(x.dtype)
+        if L:
+            return qcfs(x, theta, L, 0.5)
         return torch.minimum(torch.relu(x), theta)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, v0={self.v0}, shift={self.shift}, steps_with_bias={self.step_bias.shape[0]}"
+        return (f"channels={self.channels}, v0={self.v0}, shift={self.shift}, levels={int(self.levels)}, "
+                f"steps_with_bias={self.step_bias.shape[0]}")
 
 
 class SpikeMaxPool2d(nn.Module):

@@ -83,6 +83,7 @@ class SNNEvaluation:
         correct: ``[T]`` images classified correctly after steps 1..T.
         rates: ``{neuron: [T]}`` firing rates per step.
         seconds: wall time.
+        synaptic_rates: ``{conv/linear layer: [T]}`` input spike rates per step (:mod:`dormant.snn.energy`).
     """
 
     T: int
@@ -90,6 +91,7 @@ class SNNEvaluation:
     correct: torch.Tensor
     rates: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
+    synaptic_rates: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> torch.Tensor:
@@ -102,7 +104,10 @@ class SNNEvaluation:
 
     def to_dict(self) -> dict:
         return {"T": self.T, "n": self.n, "accuracy": self.accuracy.tolist(), "seconds": self.seconds,
-                "firing_rate": {k: float(v.mean()) for k, v in self.rates.items()}}
+                "firing_rate": {k: float(v.mean()) for k, v in self.rates.items()},
+                "firing_rate_per_step": {k: [round(float(r), 7) for r in v] for k, v in self.rates.items()},
+                "synaptic_rate_per_step": {k: [round(float(r), 7) for r in v]
+                                           for k, v in self.synaptic_rates.items()}}
 
 
 @torch.no_grad()
@@ -128,17 +133,25 @@ def evaluate_snn(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, T: int, 
         T: steps.
         batch_size: images per simulation batch.
         chunk: steps per stateless call (memory bound; results do not depend on it).
-        monitor: record firing rates.
+        monitor: record firing rates and the input spike rates of conv/linear layers.
     """
+    from contextlib import nullcontext
+
+    from dormant.snn.energy import monitor_synapses
+
     start = time.perf_counter()
     dev = snn.device
     mon = SpikeMonitor() if monitor else None
     correct = torch.zeros(T, dtype=torch.long)
-    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
-        if mon is not None:
-            mon.start_batch()
-        logits = snn.simulate(x[i : i + batch_size].to(dev), T, chunk=chunk, observer=mon)
-        correct += per_step_correct(logits, y[i : i + batch_size])
+    with monitor_synapses(snn) if monitor else nullcontext() as syn:
+        for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=not progress, leave=False):
+            xb = x[i : i + batch_size].to(dev)
+            if mon is not None:
+                mon.start_batch()
+                syn.start_batch(len(xb))
+            logits = snn.simulate(xb, T, chunk=chunk, observer=mon)
+            correct += per_step_correct(logits, y[i : i + batch_size])
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return SNNEvaluation(T, len(x), correct, mon.rates() if mon else {}, time.perf_counter() - start)
+    return SNNEvaluation(T, len(x), correct, mon.rates() if mon else {}, time.perf_counter() - start,
+                         syn.rates() if monitor else {})

@@ -52,7 +52,7 @@ def _calibrate(ns: argparse.Namespace) -> int:
     from dormant.llm.adapters import ffn_layout
     from dormant.llm.models import load_model
     from dormant.llm.sites import site_taps
-    from dormant.llm.stats import StatsConfig, collect_stats
+    from dormant.llm.stats import StatsConfig, collect_stats, refine_thresholds
     from dormant.llm.sweep import load_calib_windows
 
     mc, cc, ec, kc = (config_from_args(c, ns) for c in (ModelConfig, CalibConfig, EvalConfig, CalibrateConfig))
@@ -65,8 +65,11 @@ def _calibrate(ns: argparse.Namespace) -> int:
         stats.save(kc.stats_out)
     target = kc.sparsity[0] if len(kc.sparsity) == 1 else kc.sparsity
     thr = stats.thresholds(target, kc.site)
+    if cc.refine:
+        thr = refine_thresholds(model, cal.ids, thr, target, cc.refine, model_id=info["id"], data=desc)
     thr.save(kc.out)
-    print(json.dumps({"thresholds": kc.out, "seconds": round(stats.seconds, 2), **thr.summary()}, indent=1))
+    print(json.dumps({"thresholds": kc.out, "seconds": round(stats.seconds, 2), "refine_passes": cc.refine,
+                      **thr.summary()}, indent=1))
     if cc.calib_on_eval:
         print("NOTE: calibrated on the evaluation text (--calib-on-eval, the paper's protocol); not held-out.")
     return 0

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,7 +29,10 @@ from dormant.artifacts import load_artifact, save_artifact
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
 
-__all__ = ["MagnitudeHistogram", "ActivationStats", "StatsConfig", "collect_stats"]
+if TYPE_CHECKING:
+    from dormant.llm.thresholds import Thresholds
+
+__all__ = ["MagnitudeHistogram", "ActivationStats", "StatsConfig", "collect_stats", "refine_thresholds"]
 
 
 class MagnitudeHistogram:
@@ -246,11 +249,16 @@ def collect_stats(
     config: StatsConfig | None = None,
     model_id: str | None = None,
     data: dict[str, Any] | None = None,
+    under: Thresholds | None = None,
 ) -> ActivationStats:
     """One streaming pass over ``windows`` (``[n, seqlen]`` token ids) summarising |a| at ``taps``.
 
     No activation is stored: each hooked tensor is binned and dropped. Thresholds for any target are
     read from the result afterwards (:meth:`ActivationStats.thresholds`).
+
+    ``under``: thresholds enforced during the pass (on a model that is otherwise dense). Each tap is
+    observed *before* its own threshold applies but after every upstream tap's, so thresholds read from
+    the result fit the activations the sparsified model really produces (:func:`refine_thresholds`).
     """
     from tqdm.auto import tqdm
 
@@ -266,12 +274,51 @@ def collect_stats(
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     with torch.inference_mode(), tap_hooks(layout, taps, observe):
-        for i in tqdm(range(0, len(windows), config.batch_size), desc="calibrate", disable=not config.progress,
-                      unit="batch"):
-            model(windows[i : i + config.batch_size].to(device), use_cache=False)
+        if under is not None:  # registered after the observers, so they see each tap before its threshold
+            from dormant.llm.sparsify import sparsify_, sparsify_state
+
+            if sparsify_state(model) is not None:
+                raise ValueError("collect_stats(under=...) needs a dense model; call unsparsify_(model) first")
+            sparsify_(model, under, model_id)
+        try:
+            for i in tqdm(range(0, len(windows), config.batch_size), desc="calibrate", disable=not config.progress,
+                          unit="batch"):
+                model(windows[i : i + config.batch_size].to(device), use_cache=False)
+        finally:
+            if under is not None:
+                from dormant.llm.sparsify import unsparsify_
+
+                unsparsify_(model)
     hist.sync()
     meta = {"id": model_id or getattr(model.config, "_name_or_path", None), **layout.describe()}
     data = dict(data or {})
     data.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), tokens=int(windows.numel()))
+    if under is not None:
+        data["under_thresholds"] = {"site": under.site, "mean_target": float(under.targets.mean())}
     return ActivationStats(hist, taps, meta, data, time.perf_counter() - t0)
+
+
+def refine_thresholds(
+    model: nn.Module,
+    windows: torch.Tensor,
+    thresholds: Thresholds,
+    sparsity: float | Sequence[float] | dict[int, float],
+    passes: int = 1,
+    config: StatsConfig | None = None,
+    model_id: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> Thresholds:
+    """Re-read ``thresholds`` for ``sparsity`` from passes run *under* the current thresholds.
+
+    Dense calibration (the paper's) reads every tap's threshold from dense activations, but once upstream
+    taps are thresholded the downstream distributions shift (e.g. the ``paper`` site's down_proj output
+    overshoots its target). Each pass collects |a| with the current thresholds enforced
+    (``collect_stats(..., under=...)``) and reads new ones, a fixed-point iteration towards per-layer
+    sparsity on target; ``passes`` = 1 or 2 is usually enough. Costs one calibration pass each.
+    """
+    site = thresholds.site
+    for _ in range(passes):
+        stats = collect_stats(model, windows, thresholds.taps, config, model_id=model_id, data=data, under=thresholds)
+        thresholds = stats.thresholds(sparsity, site)
+    return thresholds
 

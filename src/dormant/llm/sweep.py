@@ -33,6 +33,9 @@ class CalibConfig:
     calib_windows: int = field(16, help="number of calibration windows")
     calib_seqlen: int = field(2048, help="tokens per calibration window")
     calib_on_eval: bool = field(False, help="calibrate on the evaluation windows themselves (the paper's protocol)")
+    refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
+                               "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
+                               "calibration)")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class SweepConfig:
         """Identity of the measurement: points measured under another key are not mixed in."""
         d = {"model": self.model.model, "dtype": self.model.dtype, "calib": asdict(self.calib), "eval": asdict(self.eval)}
         d["eval"].pop("batch_size")
+        if not self.calib.refine:
+            d["calib"].pop("refine")  # keys of sweeps made before refinement existed stay valid
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -103,7 +108,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     from dormant.llm.perplexity import perplexity
     from dormant.llm.sites import site_taps
     from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
-    from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats
+    from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats, refine_thresholds
 
     for site in cfg.sites:
         site_taps(site)  # fail early on a bad site name
@@ -170,6 +175,11 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
                 extra = {"layer_targets": per_layer}
             else:
                 thr = stats.thresholds(target, site)
+            if cfg.calib.refine:
+                spec = extra["layer_targets"] if extra else target
+                thr = refine_thresholds(model, cal.ids, thr, spec, cfg.calib.refine,
+                                        StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
+                                        model_id=info["id"], data=_calib_description(cfg.calib, cal))
             thr.save(out / f"thresholds_{site}_{allocation}_{target:g}.safetensors")
             sparsify_(model, thr, info["id"])
             try:

@@ -179,7 +179,7 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
                               for c in calib], digits=1)]
     if qcfs_meta is not None:
         secs = sum(h.get("seconds", 0.0) for h in qcfs_meta.get("history", []))
-        lines.append(f"QCFS fine-tuning: {qcfs_meta['epoch']} epochs, {secs / 60:.1f} min "
+        lines.append(f"QCFS fine-tuning: {qcfs_meta['epoch']} epoch(s), {secs:.0f} s "
                      f"(device {qcfs_meta.get('device', qcfs_meta.get('config', {}).get('device'))}).\n")
     layer_names = list(next(iter(fr.values()))) if fr else []
     if fr:

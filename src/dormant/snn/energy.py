@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from dormant.snn.configs import EnergyConfig
 from dormant.snn.neurons import IFNeuron, SpikeMaxPool2d
+from dormant.snn.simulate import StepCounts
 
 __all__ = ["E_AC_PJ", "E_MAC_PJ", "EnergyConfig", "SynapticLayer", "synaptic_layers", "layer_macs",
            "SynapticMonitor", "monitor_synapses", "synaptic_ops", "energy_estimate", "EnergyEstimate"]
@@ -136,7 +137,7 @@ def synaptic_layers(snn) -> dict[str, SynapticLayer]:
     return out
 
 
-class SynapticMonitor:
+class SynapticMonitor(StepCounts):
     """Counts non-zero inputs of every conv/linear layer per step during :meth:`SpikingNetwork.simulate`.
 
     Use through :func:`monitor_synapses`; call :meth:`start_batch` with the batch size before each simulation.
@@ -147,30 +148,19 @@ class SynapticMonitor:
     """
 
     def __init__(self, layers: dict[str, SynapticLayer]):
+        super().__init__()
         self.layers = layers
-        self.counts: dict[str, torch.Tensor] = {}
-        self.samples: dict[str, int] = {}
-        self._t: dict[str, int] = {}
         self._n = 0
 
     def start_batch(self, n: int) -> None:
-        self._t, self._n = {}, n
+        super().start_batch()
+        self._n = n
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         """``x``: the layer's merged input ``[T_c * n, ...]`` (step-major)."""
         if not self._n or x.shape[0] % self._n:
             return  # not a simulation call (e.g. an ANN-mode forward)
-        tc = x.shape[0] // self._n
-        c = (x.reshape(tc, -1) != 0).sum(1).double().cpu()
-        t0 = self._t.get(name, 0)
-        if t0 == 0:
-            self.samples[name] = self.samples.get(name, 0) + self._n
-        cur = self.counts.get(name, torch.zeros(0, dtype=torch.float64))
-        if len(cur) < t0 + tc:
-            cur = torch.cat([cur, torch.zeros(t0 + tc - len(cur), dtype=torch.float64)])
-        cur[t0 : t0 + tc] += c
-        self.counts[name] = cur
-        self._t[name] = t0 + tc
+        self.add(name, x.reshape(x.shape[0] // self._n, -1), self._n)
 
     def rates(self) -> dict[str, torch.Tensor]:
         """``{layer: [T]}`` input rate per step (fraction of non-zero input elements)."""

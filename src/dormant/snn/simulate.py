@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dormant.snn.network import SpikingNetwork
 
-__all__ = ["SpikeMonitor", "SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device", "per_step_correct"]
+__all__ = ["StepCounts", "SpikeMonitor", "SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device", "per_step_correct"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -26,7 +26,38 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-class SpikeMonitor:
+class StepCounts:
+    """Non-zero elements per step and name, summed over the batches of a simulation run in time chunks.
+
+    Attributes:
+        counts: ``{name: [T] float64}`` non-zero elements summed over batch and positions.
+        samples: samples seen (per name).
+    """
+
+    def __init__(self):
+        self.counts: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, int] = {}
+        self._t: dict[str, int] = {}
+
+    def start_batch(self) -> None:
+        self._t = {}
+
+    def add(self, name: str, x: torch.Tensor, n: int) -> None:
+        """``x``: ``[tc, ...]`` the next ``tc`` steps of ``name`` for one batch of ``n`` samples."""
+        tc = x.shape[0]
+        c = (x.reshape(tc, -1) != 0).sum(1).double().cpu()
+        t0 = self._t.get(name, 0)
+        if t0 == 0:
+            self.samples[name] = self.samples.get(name, 0) + n
+        cur = self.counts.get(name, torch.zeros(0, dtype=torch.float64))
+        if len(cur) < t0 + tc:
+            cur = torch.cat([cur, torch.zeros(t0 + tc - len(cur), dtype=torch.float64)])
+        cur[t0 : t0 + tc] += c
+        self.counts[name] = cur
+        self._t[name] = t0 + tc
+
+
+class SpikeMonitor(StepCounts):
     """Observer counting spikes per neuron layer and step (pass it as ``observer`` to ``simulate``).
 
     Attributes:
@@ -36,27 +67,12 @@ class SpikeMonitor:
     """
 
     def __init__(self):
-        self.counts: dict[str, torch.Tensor] = {}
+        super().__init__()
         self.sizes: dict[str, int] = {}
-        self.samples: dict[str, int] = {}
-        self._t: dict[str, int] = {}
-
-    def start_batch(self) -> None:
-        self._t = {}
 
     def __call__(self, name: str, out: torch.Tensor) -> None:
-        tc, n = out.shape[:2]
-        c = (out.reshape(tc, -1) != 0).sum(1).double().cpu()
-        t0 = self._t.get(name, 0)
-        if t0 == 0:
-            self.samples[name] = self.samples.get(name, 0) + n
         self.sizes[name] = out[0, 0].numel()
-        cur = self.counts.get(name, torch.zeros(0, dtype=torch.float64))
-        if len(cur) < t0 + tc:
-            cur = torch.cat([cur, torch.zeros(t0 + tc - len(cur), dtype=torch.float64)])
-        cur[t0 : t0 + tc] += c
-        self.counts[name] = cur
-        self._t[name] = t0 + tc
+        self.add(name, out, out.shape[1])
 
     def rates(self) -> dict[str, torch.Tensor]:
         """``{name: [T]}`` firing rate per step."""

@@ -206,37 +206,12 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
          "provenance": provenance()}, indent=1))
 
     # ---- plots -------------------------------------------------------------------------------------------------
-    fig, ax = new_figure(1, 1, size=(6.5, 4.2))
-    a = ax[0, 0]
-    for j, lb in enumerate(labels):
-        pts = [(t, by[(lb, t)]["accuracy"]) for t in T if by.get((lb, t), {}).get("accuracy") is not None]
-        if pts:
-            a.plot(*zip(*pts), "o-", ms=3, lw=1.2, color=f"C{j}", label=lb)
-    for i, (k, v) in enumerate(anns.items()):
-        if v is not None:
-            a.axhline(100 * v, color="k", ls="--" if i == 0 else ":", lw=1, label=k)
-    a.set(xscale="log", xlabel="time steps T", ylabel="test accuracy (%)", title=f"{model}: accuracy vs T")
-    a.set_xticks(T, [str(t) for t in T])
-    a.minorticks_off()
-    a.grid(alpha=0.3)
-    a.legend(fontsize=7)
-    save_figure(fig, out / "accuracy.png")
-
-    fig, ax = new_figure(1, 1, size=(6.5, 4.2))
-    a = ax[0, 0]
-    for j, lb in enumerate(labels):
-        pts = [(t, by[(lb, t)]["energy_uj"]) for t in T if by.get((lb, t), {}).get("energy_uj") is not None]
-        if pts:
-            a.plot(*zip(*pts), "o-", ms=3, lw=1.2, color=f"C{j}", label=lb)
-    if ann_energy is not None:
-        a.axhline(ann_energy[0], color="k", ls="--", lw=1, label="ANN")
-    a.set(xscale="log", yscale="log", xlabel="time steps T", ylabel="energy per image (uJ)",
-          title=f"{model}: estimated energy")
-    a.set_xticks(T, [str(t) for t in T])
-    a.minorticks_off()
-    a.grid(alpha=0.3)
-    a.legend(fontsize=7)
-    save_figure(fig, out / "energy.png")
+    acc_lines = [(100 * v, "--" if i == 0 else ":", k) for i, (k, v) in enumerate(anns.items()) if v is not None]
+    _plot_vs_T(out / "accuracy.png", by, labels, T, "accuracy", acc_lines, ylabel="test accuracy (%)",
+               title=f"{model}: accuracy vs T")
+    _plot_vs_T(out / "energy.png", by, labels, T, "energy_uj",
+               [] if ann_energy is None else [(ann_energy[0], "--", "ANN")], ylabel="energy per image (uJ)",
+               title=f"{model}: estimated energy", yscale="log")
 
     fig, ax = new_figure(1, 1, size=(7.5, 4.2))
     a = ax[0, 0]
@@ -259,6 +234,27 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
     a.legend(fontsize=7)
     save_figure(fig, out / "calibration_time.png")
     return write_markdown(out / "report.md", "\n".join(lines))
+
+
+def _plot_vs_T(path: Path, by: dict, labels: list[str], T: list[int], key: str,
+               hlines: list[tuple[float, str, str]], yscale: str = "linear", **labels_kw: str) -> None:
+    """One line per method of ``by[(label, T)][key]`` against log T, with horizontal reference lines."""
+    from dormant.report import new_figure, save_figure
+
+    fig, ax = new_figure(1, 1, size=(6.5, 4.2))
+    a = ax[0, 0]
+    for j, lb in enumerate(labels):
+        pts = [(t, by[(lb, t)][key]) for t in T if by.get((lb, t), {}).get(key) is not None]
+        if pts:
+            a.plot(*zip(*pts), "o-", ms=3, lw=1.2, color=f"C{j}", label=lb)
+    for y, ls, name in hlines:
+        a.axhline(y, color="k", ls=ls, lw=1, label=name)
+    a.set(xscale="log", yscale=yscale, xlabel="time steps T", **labels_kw)
+    a.set_xticks(T, [str(t) for t in T])
+    a.minorticks_off()
+    a.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def run_report_demo(out_dir: str | Path = "runs/demo/snn_report") -> Path:

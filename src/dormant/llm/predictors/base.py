@@ -47,6 +47,8 @@ __all__ = [
     "guard_neurons",
     "operating_point",
     "evaluate_on_store",
+    "layer_params_tensors",
+    "layer_params_from",
 ]
 
 PREDICTORS: dict[str, type[Predictor]] = {}
@@ -56,6 +58,18 @@ def register_predictor(cls: type[Predictor]) -> type[Predictor]:
     """Class decorator adding a predictor to :data:`PREDICTORS` under ``cls.name``."""
     PREDICTORS[cls.name] = cls
     return cls
+
+
+def layer_params_tensors(params: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Per-layer parameter dicts -> flat ``{"<name>.<layer>": tensor}`` for an artifact (skipped layers left out)."""
+    return {f"{k}.{layer}": v for layer, p in enumerate(params) if p is not None for k, v in p.items()}
+
+
+def layer_params_from(tensors: dict[str, torch.Tensor], n_layers: int, names: tuple[str, ...]
+                      ) -> list[dict[str, torch.Tensor] | None]:
+    """Inverse of :func:`layer_params_tensors`: layers whose ``names[0]`` is absent come back as ``None``."""
+    return [{k: tensors[f"{k}.{layer}"].float() for k in names} if f"{names[0]}.{layer}" in tensors else None
+            for layer in range(n_layers)]
 
 
 @dataclass

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 
 from dormant.config import field
 from dormant.llm.adapters import Tap
-from dormant.llm.predictors.base import Predictor, operating_point, register_predictor
+from dormant.llm.predictors.base import (
+    Predictor,
+    layer_params_from,
+    layer_params_tensors,
+    operating_point,
+    register_predictor,
+)
 from dormant.llm.predictors.metrics import mask_metrics
 
 __all__ = ["ClusterConfig", "ClusterPredictor", "kmeans_binary"]
@@ -172,9 +178,7 @@ class ClusterPredictor(Predictor):
         return classifier + centroid_bits, classifier + math.ceil(i / 8), 2 * d * k
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{k}.{layer}": v for layer, p in enumerate(self.params) if p is not None for k, v in p.items()}
+        return layer_params_tensors(self.params)
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for layer in range(self.n_layers):
-            if f"W.{layer}" in tensors:
-                self.params[layer] = {k: tensors[f"{k}.{layer}"].float() for k in ("W", "w0", "C")}
+        self.params = layer_params_from(tensors, self.n_layers, ("W", "w0", "C"))

@@ -31,7 +31,7 @@ import torch
 from dormant.config import field
 from dormant.llm.adapters import Tap
 from dormant.llm.masks import unpack_masks
-from dormant.llm.predictors.base import Predictor, register_predictor
+from dormant.llm.predictors.base import Predictor, layer_params_from, layer_params_tensors, register_predictor
 from dormant.llm.predictors.lowrank import (
     LowRankConfig,
     lowrank_layer_cost,
@@ -173,16 +173,14 @@ class EarlyLayerPredictor(Predictor):
     # -- persistence ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if self.config.mode == "linear":
-            return {f"{k}.{layer}": v for layer, p in enumerate(self.params) if p is not None for k, v in p.items()}
+            return layer_params_tensors(self.params)
         out = {"bank_source": self.bank_source}
         out.update({f"bank.{layer}": v for layer, v in self.bank.items()})
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.config.mode == "linear":
-            for layer in range(self.n_layers):
-                if f"A.{layer}" in tensors:
-                    self.params[layer] = {k: tensors[f"{k}.{layer}"].float() for k in ("A", "c", "B", "b")}
+            self.params = layer_params_from(tensors, self.n_layers, ("A", "c", "B", "b"))
             return
         self.bank_source, self._bank_float = tensors["bank_source"], None
         self.bank = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("bank.")}

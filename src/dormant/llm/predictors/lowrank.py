@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 from dormant.config import field
 from dormant.llm.adapters import Tap
-from dormant.llm.predictors.base import Predictor, operating_point, register_predictor
+from dormant.llm.predictors.base import (
+    Predictor,
+    layer_params_from,
+    layer_params_tensors,
+    operating_point,
+    register_predictor,
+)
 
 __all__ = ["LowRankConfig", "LowRankPredictor", "train_lowrank_layer", "lowrank_logits", "lowrank_layer_cost"]
 
@@ -172,9 +178,7 @@ class LowRankPredictor(Predictor):
         return lowrank_layer_cost(self.hidden_size, self.n_neurons, self.config.rank, weight_bytes)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{k}.{layer}": v for layer, p in enumerate(self.params) if p is not None for k, v in p.items()}
+        return layer_params_tensors(self.params)
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for layer in range(self.n_layers):
-            if f"A.{layer}" in tensors:
-                self.params[layer] = {k: tensors[f"{k}.{layer}"].float() for k in ("A", "c", "B", "b")}
+        self.params = layer_params_from(tensors, self.n_layers, ("A", "c", "B", "b"))

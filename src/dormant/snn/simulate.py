@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from dormant.snn.network import SpikingNetwork
 
-__all__ = ["StepCounts", "SpikeMonitor", "SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device", "per_step_correct"]
+__all__ = ["StepCounts", "SpikeMonitor", "SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device",
+           "per_step_correct"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dormant.kernels import FFNThresholds, UnsupportedKernelError, sparse_ffn_decode
+from dormant.kernels import build as kernel_build
 from dormant.kernels import cpu as cpu_kernel
 from dormant.kernels.reference import sparse_ffn as reference
 from tests.kernels.helpers import assert_matches, random_ffn, site_thresholds
@@ -99,7 +100,7 @@ def test_bad_indices_and_unsupported_inputs_raise():
 
 def test_missing_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernel_build.shutil, "which", lambda name: None)
     with pytest.raises(cpu_kernel.KernelBuildError, match="g\\+\\+"):
         cpu_kernel.build(force=True)
 

@@ -1,53 +1,29 @@
-"""The CPU sparse FFN kernel: ``csrc/sparse_ffn.cpp`` (C++17, OpenMP, AVX2/FMA), compiled once per machine.
+"""The CPU sparse FFN kernel: ``csrc/sparse_ffn.cpp`` (C++17, OpenMP, AVX2/FMA), built by :mod:`dormant.kernels.build`.
 
-Why a plain shared library loaded with :mod:`ctypes` rather than a ``torch.utils.cpp_extension`` module
-or numba:
-
-* decode is memory-bound, and the win comes from reading only active neurons' rows with a fused
-  gather-dot / gather-axpy; torch ops would first copy the rows (``index_select``), tripling the bytes
-  moved, so a hand-written loop is needed;
-* the kernel only needs raw pointers, so it includes no torch or Python headers: it compiles in about
-  1.5 s with ``g++`` alone (no ninja, no ``Python.h``, no ABI coupling to the torch build, so nothing to
-  rebuild when torch changes), where anything including ``torch/extension.h`` takes tens of seconds to
-  compile; numba would add a heavy dependency and a thread pool of its own;
-* it is linked against the OpenMP runtime torch already loaded (``libgomp.so.1``), so its threads are
-  torch's threads: :func:`torch.set_num_threads` governs both and they do not fight over cores.
-
-Build: at first use, ``$CXX`` (else ``g++``, ``c++``, ``clang++``) compiles the source with
-``-O3 -march=native -fopenmp`` into ``$DORMANT_CACHE/kernels`` (default ``~/.cache/dormant/kernels``),
-named by a hash of the source, compiler, flags and CPU, so a cache shared between machines never hands
-one machine another's binary. The build is atomic (temp file + rename); a missing compiler or a failed
-build raises :class:`KernelBuildError` with the compiler's message. bfloat16 is converted to float32 by
-16-bit shifts; without AVX2/FMA the same code runs scalar.
+Decode is memory-bound, and the win comes from reading only active neurons' rows with a fused gather-dot /
+gather-axpy; torch ops would first copy the rows (``index_select``), tripling the bytes moved, so a
+hand-written loop is needed. bfloat16 is converted to float32 by 16-bit shifts; without AVX2/FMA the same
+code runs scalar.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-from dormant.kernels.ffn import FFNThresholds, PackedFFN, UnsupportedKernelError
+from dormant.kernels import build as _build
+from dormant.kernels.base import FFNThresholds, PackedFFN, UnsupportedKernelError
+from dormant.kernels.build import KernelBuildError
 
 __all__ = ["KernelBuildError", "SUPPORTED_DTYPES", "SOURCE", "check", "library", "build", "sparse_ffn"]
 
-SOURCE = Path(__file__).with_name("csrc") / "sparse_ffn.cpp"
+SOURCE = _build.CSRC / "sparse_ffn.cpp"
 SUPPORTED_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _ACT_CODES = {"silu": 0, "gelu_tanh": 1}
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
-
-
-class KernelBuildError(RuntimeError):
-    """The C++ kernel could not be compiled or loaded."""
 
 
 def check(device: torch.device, dtype: torch.dtype) -> None:
@@ -61,82 +37,17 @@ def check(device: torch.device, dtype: torch.dtype) -> None:
         raise UnsupportedKernelError(f"impl 'cpu' supports {names}; got {str(dtype).removeprefix('torch.')}")
 
 
-def _compiler() -> str:
-    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    raise KernelBuildError(
-        "the 'cpu' sparse FFN kernel is compiled on first use and needs a C++17 compiler with OpenMP, but none was "
-        "found (looked for $CXX, g++, c++, clang++). Install one (Debian/Ubuntu: apt-get install g++) or use impl "
-        "'reference'."
-    )
-
-
-def _flags() -> list[str]:
-    arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64", "i686") else ["-mcpu=native"]
-    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *arch]
-
-
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_path(cxx: str) -> Path:
-    from dormant.data import cache_dir
-
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        "\n".join(
-            [SOURCE.read_text(), cxx, version, " ".join(_flags()), platform.machine(), _cpu_signature()]
-        ).encode()
-    ).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"sparse_ffn-{key}.so"
-
-
-def build(force: bool = False) -> Path:
+def build(force: bool = False):
     """Compile the kernel into the cache unless it is there already; returns the library path."""
-    cxx = _compiler()
-    out = _cache_path(cxx)
-    if out.exists() and not force:
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KernelBuildError(
-            f"cannot create the kernel cache {out.parent} ({e}); set DORMANT_CACHE to a writable folder"
-        ) from e
-    fd, tmp = tempfile.mkstemp(prefix=".sparse_ffn-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *_flags(), str(SOURCE), "-o", tmp]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise KernelBuildError(
-                f"compiling the 'cpu' sparse FFN kernel failed:\n$ {' '.join(cmd)}\n{res.stderr[-4000:]}"
-            )
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return _build.build(SOURCE, force=force)
 
 
 def library() -> ctypes.CDLL:
-    """The loaded kernel library (built on first call)."""
+    """The loaded kernel library (built on first call), with its function signatures declared."""
     global _LIB
     with _LOCK:
         if _LIB is None:
-            path = build()
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as e:
-                raise KernelBuildError(f"cannot load the compiled kernel {path}: {e}") from e
+            lib = _build.load(SOURCE)
             f = lib.dormant_sparse_ffn
             p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
             f.argtypes = [

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from dormant.kernels.ffn import FFNThresholds, PackedFFN, UnsupportedKernelError
+from dormant.kernels.base import FFNThresholds, PackedFFN, UnsupportedKernelError
 from dormant.kernels.reference import as_mask, zero_below
 
 __all__ = ["SUPPORTED_DTYPES", "BLOCKS", "available", "check", "sparse_ffn"]

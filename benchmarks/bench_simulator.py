@@ -21,7 +21,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from dormant.artifacts import append_jsonl  # noqa: E402
-from dormant.llm.masks import ActivationTrace  # noqa: E402
+from dormant.traces import ActivationTrace  # noqa: E402
 from dormant.offload import (  # noqa: E402
     FFNGeometry,
     ItemLayout,

@@ -20,9 +20,9 @@ from dormant.llm.accounting import (
     previous_token_prediction,
 )
 from dormant.llm.adapters import Tap, ffn_layout
-from dormant.llm.masks import ActivationTrace, pack_masks
 from dormant.llm.sparsify import is_sparsified
 from dormant.llm.stats import StatsConfig, collect_stats
+from dormant.traces import ActivationTrace, pack_masks
 from tests.llm.tiny import HIDDEN, INTER, LAYERS, VOCAB, tiny_model
 
 META = {"fingerprint": "hand", "id": "hand-built"}

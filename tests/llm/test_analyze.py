@@ -106,7 +106,7 @@ def test_analyze_and_account_cli_on_stories260k(tmp_path):
         assert rel["oracle"] <= rel["gate_first"] <= rel["down_skip"] <= rel["dense"] == 1.0
 
     # `dormant account` from the saved traces, with the oracle trace as a perfect "prediction"
-    from dormant.llm.masks import ActivationTrace
+    from dormant.traces import ActivationTrace
 
     mid = ActivationTrace.load(out / "traces/paper_50_mid.safetensors")
     ActivationTrace(mid.packed, mid.n_neurons, mid.model, {**mid.source, "kind": "predicted"}).save(tmp_path / "p.safetensors")

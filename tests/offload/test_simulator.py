@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from dormant.llm.masks import ActivationTrace, pack_masks
 from dormant.offload import (
     FFNGeometry,
     ItemLayout,
@@ -20,6 +19,7 @@ from dormant.offload import (
 )
 from dormant.offload.reference import reference_loads
 from dormant.offload.simulator import capacity, hot_chunks
+from dormant.traces import ActivationTrace, pack_masks
 
 EXACT = StorageLayout(align=1, chunk=1)
 

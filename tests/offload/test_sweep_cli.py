@@ -65,7 +65,7 @@ def test_cli_storage_check(tmp_path, trace_file):
 
 @pytest.mark.slow
 def test_cli_trace_records_a_real_model(tmp_path):
-    from dormant.llm.masks import ActivationTrace
+    from dormant.traces import ActivationTrace
 
     out = tmp_path / "t.safetensors"
     assert main(["trace", "--model", "stories260k", "--seqlen", "32", "--max-windows", "2", "--max-tokens", "50",

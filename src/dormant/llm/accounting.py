@@ -60,7 +60,7 @@ from torch import nn
 
 from dormant.formats import FORMATS, WeightFormat, weight_format
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
-from dormant.llm.masks import ActivationTrace
+from dormant.traces import ActivationTrace
 
 __all__ = [
     "WeightFormat",

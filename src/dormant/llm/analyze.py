@@ -748,11 +748,11 @@ def run_account(model_cfg: ModelConfig, eval_cfg: EvalConfig, cfg: AccountConfig
     """Account one model at one set of thresholds (or given traces); writes ``account.{json,csv,md}``."""
     from dormant.artifacts import atomic_write_text
     from dormant.llm.accounting import collect_policy_traces
-    from dormant.llm.masks import ActivationTrace
     from dormant.llm.models import load_model
     from dormant.llm.sweep import load_eval_windows
     from dormant.llm.thresholds import Thresholds
     from dormant.report import markdown_table, write_markdown
+    from dormant.traces import ActivationTrace
 
     model, tok, info = load_model(model_cfg)
     layout = ffn_layout(model)

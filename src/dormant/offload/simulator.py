@@ -58,11 +58,11 @@ from typing import Any
 
 import numpy as np
 
-from dormant.llm.masks import ActivationTrace
 from dormant.offload.layout import ItemLayout
 from dormant.offload.policies import Policy
 from dormant.offload.profiles import DeviceProfile
 from dormant.offload.traces import check_aligned, iter_masks
+from dormant.traces import ActivationTrace
 
 __all__ = ["AccessStats", "simulate", "capacity", "hot_chunks", "estimate_time"]
 

@@ -242,8 +242,8 @@ def replay(reader: DirectReader, items: ItemLayout, batches: list[tuple[int, np.
 def storage_check(cfg: StorageCheckConfig) -> Path:
     """Fit this machine's profile, replay trace batches with real reads, write the comparison; returns report path."""
     from dormant.artifacts import atomic_write_text
-    from dormant.llm.masks import ActivationTrace
     from dormant.report import markdown_table, new_figure, provenance, save_figure, write_markdown
+    from dormant.traces import ActivationTrace
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

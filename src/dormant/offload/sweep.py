@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from dormant.config import field
-from dormant.llm.masks import ActivationTrace
 from dormant.offload.layout import ItemLayout, StorageLayout
 from dormant.offload.policies import parse_policy
 from dormant.offload.profiles import DeviceProfile, load_profile
 from dormant.offload.simulator import estimate_time, simulate
 from dormant.offload.traces import FFNGeometry, perturb_trace, weight_format
+from dormant.traces import ActivationTrace
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import torch
 from dormant.config import field
 from dormant.formats import WeightFormat
 from dormant.formats import weight_format as _lookup
-from dormant.llm.masks import ActivationTrace, pack_masks, unpack_masks
+from dormant.traces import ActivationTrace, pack_masks, unpack_masks
 
 __all__ = [
     "WeightFormat",

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from dormant.cli import main
-from dormant.llm.masks import ActivationTrace
 from dormant.llm.models import load_model
 from dormant.llm.predictors import (
     ClusterConfig,
@@ -24,6 +23,7 @@ from dormant.llm.predictors.predictability import PredictabilityConfig, run_pred
 from dormant.llm.sparsify import sparsify_, unsparsify_
 from dormant.llm.text import load_text, make_windows
 from dormant.llm.thresholds import calibrate
+from dormant.traces import ActivationTrace
 
 pytestmark = pytest.mark.slow
 

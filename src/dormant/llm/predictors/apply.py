@@ -29,9 +29,9 @@ from torch import nn
 
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
-from dormant.llm.masks import ActivationTrace, pack_masks
 from dormant.llm.predictors.base import Predictor
 from dormant.llm.predictors.metrics import MaskConfusion
+from dormant.traces import ActivationTrace, pack_masks
 
 __all__ = ["PredictionRun", "predicted_masks", "observe_predictions", "collect_predicted_trace"]
 

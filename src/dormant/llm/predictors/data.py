@@ -30,7 +30,7 @@ from torch import nn
 from dormant.artifacts import ArtifactError, atomic_write_text, save_artifact
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
-from dormant.llm.masks import pack_masks, unpack_masks
+from dormant.traces import pack_masks, unpack_masks
 
 __all__ = ["PairStore", "collect_pairs", "write_pairs", "SPLITS"]
 

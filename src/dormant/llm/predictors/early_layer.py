@@ -30,7 +30,6 @@ import torch
 
 from dormant.config import field
 from dormant.llm.adapters import Tap
-from dormant.llm.masks import unpack_masks
 from dormant.llm.predictors.base import Predictor, layer_params_from, layer_params_tensors, register_predictor
 from dormant.llm.predictors.lowrank import (
     LowRankConfig,
@@ -38,6 +37,7 @@ from dormant.llm.predictors.lowrank import (
     lowrank_logits,
     train_lowrank_layer,
 )
+from dormant.traces import unpack_masks
 
 __all__ = ["EarlyLayerConfig", "EarlyLayerPredictor"]
 

@@ -51,7 +51,7 @@ from dormant.llm.sparse_decode import (
     sparse_decode_stats,
 )
 from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
-from dormant.llm.sweep import EvalConfig, load_eval_windows
+from dormant.llm.text import EvalConfig, load_eval_windows
 from dormant.llm.thresholds import Thresholds
 from dormant.report import markdown_table, provenance
 

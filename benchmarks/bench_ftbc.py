@@ -21,10 +21,10 @@ import torch
 
 from dormant.artifacts import append_jsonl
 from dormant.report import markdown_table, provenance
-from dormant.snn.convert import ConvertConfig, convert
+from dormant.snn.conversion import ConvertConfig, convert
 from dormant.snn.datasets import load_dataset, split_holdout
 from dormant.snn.ftbc import FTBCConfig, calibrate_ftbc
-from dormant.snn.models import load_model
+from dormant.snn.models import load_zoo_model
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
 
-    model, spec = load_model(args.model)
+    model, spec = load_zoo_model(args.model)
     calib, _ = split_holdout(load_dataset(spec.default_data, "train"), 1000)
     x, _ = calib.tensors(spec.mean, spec.std)
     snn = convert(model, x[:1000], ConvertConfig(), device=dev)

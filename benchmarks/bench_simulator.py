@@ -21,7 +21,6 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from dormant.artifacts import append_jsonl  # noqa: E402
-from dormant.traces import ActivationTrace  # noqa: E402
 from dormant.offload import (  # noqa: E402
     FFNGeometry,
     ItemLayout,
@@ -34,6 +33,7 @@ from dormant.offload import (  # noqa: E402
 )
 from dormant.offload.reference import reference_loads  # noqa: E402
 from dormant.report import provenance  # noqa: E402
+from dormant.traces import ActivationTrace  # noqa: E402
 
 POLICIES = ["dense", "demand", "lru", "lfu", "window", "hot+lru", "prefetch"]
 

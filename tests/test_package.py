@@ -49,3 +49,33 @@ def test_cli_lists_commands(capsys):
     out = capsys.readouterr().out
     for cmd in ("calibrate", "eval", "sweep", "demo"):
         assert cmd in out
+
+
+def test_public_apis_export_verbs_not_internals():
+    import dormant.llm
+    import dormant.snn
+
+    for name in ("load_model", "perplexity", "calibrate", "sparsify_", "sparsified", "measure_sparsity",
+                 "enable_sparse_decode_", "Thresholds", "ActivationStats", "ActivationTrace"):
+        assert name in dormant.llm.__all__ and callable(getattr(dormant.llm, name)), name
+    for internal in ("FFN_SPECS", "MagnitudeHistogram", "register_tap_hooks"):
+        assert internal not in dormant.llm.__all__
+    for name in ("convert", "calibrate_ftbc", "SpikingNetwork", "evaluate_snn", "load_zoo_model"):
+        assert name in dormant.snn.__all__
+
+
+def test_snn_functions_are_not_shadowed_by_submodules():
+    """A package attribute set by importing a submodule must never hide an exported function."""
+    import importlib
+    import pkgutil
+    import types
+
+    import dormant.snn
+
+    for info in pkgutil.iter_modules(dormant.snn.__path__):
+        importlib.import_module(f"dormant.snn.{info.name}")
+    for name in dormant.snn.__all__:
+        assert not isinstance(getattr(dormant.snn, name), types.ModuleType), name
+    from dormant.snn import convert
+
+    assert callable(convert) and convert.__module__ == "dormant.snn.conversion"

@@ -11,6 +11,7 @@ run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ import torch
 
 __all__ = [
     "ArtifactError",
+    "config_key",
     "atomic_path",
     "atomic_write_text",
     "save_artifact",
@@ -34,6 +36,13 @@ __all__ = [
 
 class ArtifactError(ValueError):
     """An artifact is missing, corrupted, of the wrong kind or version, or does not fit its model."""
+
+
+def config_key(config: Any, digits: int = 12) -> str:
+    """A short stable hash of a JSON-ready configuration (dict key order does not matter): the one key of what
+    produced a result, a cache or an artifact."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:digits]
 
 
 @contextmanager

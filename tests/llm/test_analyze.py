@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dormant.llm.adapters import Tap, ffn_layout
-from dormant.llm.analyze import analyze_activations, subset_stats, weight_stats
+from dormant.llm.analyze import analyze_activations, weight_stats
 from dormant.llm.hooks import tap_hooks
 from tests.llm.tiny import VOCAB, tiny_model
 
@@ -45,16 +45,16 @@ def test_natural_sparsity_is_exact_and_monotone_in_eps():
     assert nat.tokens == IDS.numel()
 
 
-def test_subset_stats_keeps_the_selected_streams():
+def test_stats_subset_keeps_the_selected_streams():
     model = tiny_model("llama")
     stats, _ = analyze_activations(model, IDS, progress=False)
-    sub = subset_stats(stats, (Tap.MID, Tap.GATE))
+    sub = stats.subset((Tap.MID, Tap.GATE))
     full = stats.quantiles(0.5)
     torch.testing.assert_close(sub.quantiles(0.5), full[:, [stats.taps.index(Tap.MID), stats.taps.index(Tap.GATE)]])
     thr = sub.thresholds(0.5, "x")
     assert thr.taps == (Tap.MID, Tap.GATE)
     with pytest.raises(ValueError, match="no tap"):
-        subset_stats(subset_stats(stats, (Tap.MID,)), (Tap.GATE,))
+        stats.subset((Tap.MID,)).subset((Tap.GATE,))
 
 
 def test_weight_stats_counts_exact_zeros():
@@ -73,12 +73,11 @@ def main(argv):
     """Run one of this area's commands (the parser holds only them, so other areas' modules are not needed)."""
     import argparse
 
-    from dormant.cli import COMMAND_MODULES
-    from dormant.llm import analysis_commands
+    from dormant.cli import COMMAND_MODULES, analysis
 
-    assert "dormant.llm.analysis_commands" in COMMAND_MODULES
+    assert "dormant.cli.analysis" in COMMAND_MODULES
     parser = argparse.ArgumentParser(prog="dormant")
-    analysis_commands.register(parser.add_subparsers(dest="command", required=True))
+    analysis.register(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(argv)
     return ns.handler(ns)
 

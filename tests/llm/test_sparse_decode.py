@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from dormant.llm.adapters import UnsupportedModelError, ffn_layout
+from dormant.llm.calibrate import CalibrationConfig, calibrate
 from dormant.llm.sparse_decode import (
     SparseDecodeError,
     SparseDecodeMLP,
+    SparseDecodeWarning,
     disable_sparse_decode_,
     enable_sparse_decode_,
     is_sparse_decode,
@@ -14,7 +16,6 @@ from dormant.llm.sparse_decode import (
     sparse_decode_stats,
 )
 from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
-from dormant.llm.thresholds import calibrate
 from tests.llm.tiny import LAYERS, tiny_model
 
 # past_key_values= works on every supported transformers version (5.x also takes cache=).
@@ -40,7 +41,7 @@ def _stepwise_logits(model, ids=IDS, prefix=PREFIX):
 
 def _sparsified(model_type="llama", site="gate_act", **kw):
     model = tiny_model(model_type, **kw)
-    thr = calibrate(model, CALIB, site, 0.5, model_id="tiny", progress=False)
+    thr = calibrate(model, CALIB, CalibrationConfig(site, [0.5], progress=False), model_id="tiny")
     sparsify_(model, thr)
     return model, thr
 
@@ -121,8 +122,9 @@ def test_observers_see_every_step_through_the_dense_path():
     with measure_sparsity(model) as meter:
         expected = _stepwise_logits(model)
     enable_sparse_decode_(model, impl="cpu")
-    with measure_sparsity(model) as meter2:
+    with measure_sparsity(model) as meter2, pytest.warns(SparseDecodeWarning, match="hook other than sparsify_") as w:
         got = _stepwise_logits(model)
+    assert sum(issubclass(x.category, SparseDecodeWarning) for x in w) == LAYERS  # once per layer, not per step
     torch.testing.assert_close(got, expected, **FP32)
     assert meter2.summary()["neuron"] == pytest.approx(meter.summary()["neuron"])
     stats = sparse_decode_stats(model)
@@ -132,7 +134,8 @@ def test_observers_see_every_step_through_the_dense_path():
 def test_autograd_steps_stay_dense():
     model, _ = _sparsified("llama", "gate_act")
     enable_sparse_decode_(model, impl="cpu")
-    model(IDS[:, :1]).logits.sum().backward()
+    with pytest.warns(SparseDecodeWarning, match="gradients are enabled"):
+        model(IDS[:, :1]).logits.sum().backward()
     assert sparse_decode_stats(model) == {"dense:autograd": LAYERS}
 
 
@@ -199,7 +202,7 @@ def test_generate_tokens_equal_hook_path_on_stories260k():
     prompt = tok("Once upon a time", return_tensors="pt").input_ids
     windows = torch.randint(3, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     for site in kernel_sites():
-        sparsify_(model, calibrate(model, windows, site, 0.5, model_id="stories260k", progress=False))
+        sparsify_(model, calibrate(model, windows, CalibrationConfig(site, [0.5], progress=False), model_id="stories260k"))
         expected = model.generate(prompt, max_new_tokens=24, do_sample=False)
         enable_sparse_decode_(model, impl="cpu")
         got = model.generate(prompt, max_new_tokens=24, do_sample=False)

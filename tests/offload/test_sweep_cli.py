@@ -5,8 +5,8 @@ import json
 import pytest
 
 from dormant.cli import main
+from dormant.experiments.offload import SimulateConfig, run_simulation
 from dormant.offload import StorageLayout, synthetic_trace
-from dormant.offload.sweep import SimulateConfig, run_simulation
 
 
 @pytest.fixture
@@ -46,10 +46,17 @@ def test_cli_simulate_and_profiles(tmp_path, trace_file, capsys):
     assert main(["simulate", "--trace", str(trace_file), "--policies", "demand,lru:pin=0.5", "--budgets", "0.5",
                  "--profiles", "rpi5-nvme", "--chunk", "4", "--bundling", "separate", "--warmup", "0",
                  "--out", str(out)]) == 0
-    assert (out / "report.md").exists()
+    report = (out / "report.md").read_text()
+    assert "## MB read from storage per token" in report and "## Estimated tokens/s on `rpi5-nvme`" in report
+    assert "| demand |" in report and "| lru:pin=0.5 |" in report
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 and rows[0].startswith("policy,")  # 2 policies x 1 budget x 1 profile
+    capsys.readouterr()
     assert main(["profiles"]) == 0
-    assert "rpi5-microsd" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "rpi5-microsd" in listing and "laptop-nvme" in listing and "MB/s" in listing
     assert main(["profiles", "laptop-nvme"]) == 0
+    assert "storage:" in capsys.readouterr().out
 
 
 def test_cli_storage_check(tmp_path, trace_file):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dormant.artifacts import ArtifactError
-from dormant.snn.convert import ConversionError, ConvertConfig, build_spiking_network, convert
+from dormant.snn.conversion import ConversionError, ConvertConfig, build_spiking_network, convert
 from dormant.snn.network import SpikingNetwork
 from dormant.snn.neurons import IFNeuron
 from dormant.snn.simulate import evaluate_ann, evaluate_snn

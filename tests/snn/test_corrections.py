@@ -6,7 +6,7 @@ import torch
 
 from dormant.snn.calibrate import CALIBRATIONS, NoCalibration, get_calibration
 from dormant.snn.configs import CorrectionConfig
-from dormant.snn.convert import ConvertConfig, convert
+from dormant.snn.conversion import ConvertConfig, convert
 from dormant.snn.corrections import CorrectionResult, ShiftResult, calibrate_correction, output_error
 
 from .tiny import synthetic, trained

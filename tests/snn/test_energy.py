@@ -5,17 +5,17 @@ import torch
 from torch import nn
 
 from dormant.snn.configs import EnergyConfig
-from dormant.snn.convert import ConvertConfig, convert
+from dormant.snn.conversion import ConvertConfig, convert
 from dormant.snn.energy import (
     E_AC_PJ,
     E_MAC_PJ,
     SynapticLayer,
-    SynapticMonitor,
     energy_estimate,
     layer_macs,
     synaptic_layers,
     synaptic_ops,
 )
+from dormant.snn.monitors import SynapticMonitor
 from dormant.snn.simulate import evaluate_snn
 
 from .tiny import synthetic, trained

@@ -2,7 +2,7 @@
 
 import torch
 
-from dormant.snn.convert import ConvertConfig, convert
+from dormant.snn.conversion import ConvertConfig, convert
 from dormant.snn.ftbc import FTBCConfig, FTBCResult, calibrate_ftbc
 from dormant.snn.simulate import evaluate_snn
 

@@ -11,7 +11,7 @@ import torch
 
 from dormant.data import DataNotFoundError
 from dormant.snn.datasets import DATASETS, ImageSet, load_dataset, split_holdout
-from dormant.snn.models import MODELS, build_model, load_model, load_state_dict_strict
+from dormant.snn.models import MODELS, build_model, load_state_dict_strict, load_zoo_model
 from dormant.snn.simulate import evaluate_ann
 
 
@@ -31,7 +31,7 @@ needs_cifar = pytest.mark.skipif(not (_have("cifar10-test1000") and _have("resne
 
 @needs_cifar
 def test_pretrained_resnet20_scores_at_least_91_percent_on_lossless_test_images():
-    model, spec = load_model("resnet20")
+    model, spec = load_zoo_model("resnet20")
     test = load_dataset("cifar10-lossless", "test")
     assert len(test) == 1000 and test.x.shape[1:] == (3, 32, 32)
     acc = evaluate_ann(model, *test.tensors(spec.mean, spec.std))
@@ -40,7 +40,7 @@ def test_pretrained_resnet20_scores_at_least_91_percent_on_lossless_test_images(
 
 @pytest.mark.skipif(not _have("lenet-mnist"), reason="needs ../shared/data/mnist")
 def test_lenet_checkpoint_loads_strictly():
-    model, spec = load_model("lenet")
+    model, spec = load_zoo_model("lenet")
     assert spec.input_shape == (1, 28, 28)
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 

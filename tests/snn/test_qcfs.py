@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dormant.snn.convert import ConvertConfig, convert
+from dormant.snn.conversion import ConvertConfig, convert
 from dormant.snn.qcfs import QCFS, qcfs_from_relu, relu_activation_percentiles
 
 from .tiny import synthetic, trained

@@ -574,22 +574,13 @@ def collect_policy_traces(
         ``(mid, act)``; ``act`` is ``None`` for non-gated FFNs (where ``act(fc1)`` *is* ``MID``).
     """
     from dormant.llm.masks import collect_trace
-    from dormant.llm.sparsify import active_thresholds, sparsify_, unsparsify_
+    from dormant.llm.sparsify import sparsified
 
-    previous = active_thresholds(model)
-    if thresholds is not None:
-        sparsify_(model, thresholds, model_id)
-    try:
+    with sparsified(model, thresholds, model_id):
         mid = collect_trace(model, windows, model_id, max_tokens=max_tokens, progress=progress, tap=Tap.MID)
         act = None
         if ffn_layout(model).gated:
             act = collect_trace(model, windows, model_id, max_tokens=max_tokens, progress=progress, tap=Tap.ACT)
-    finally:
-        if thresholds is not None:
-            if previous is None:
-                unsparsify_(model)
-            else:
-                sparsify_(model, previous, model_id)
     return mid, act
 
 

@@ -14,13 +14,13 @@ module; no model code is patched, so parameter names, ``generate()`` and the KV 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
+
+from dormant.artifacts import config_key
 
 __all__ = ["Tap", "FFNSpec", "FFN_SPECS", "FFNLayout", "FFNWeights", "UnsupportedModelError", "ffn_layout"]
 
@@ -192,7 +192,7 @@ class FFNLayout:
             "vocab_size": self.vocab_size,
             "activation": self.activation,
         }
-        d["fingerprint"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        d["fingerprint"] = config_key(d, digits=16)
         return d
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dormant.llm.perplexity import perplexity
-from dormant.llm.sparsify import sparsify_, unsparsify_
+from dormant.llm.sparsify import sparsified
 from dormant.llm.stats import ActivationStats
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,8 @@ def measure_sensitivity(
     bar = tqdm(total=n * (len(grid) - 1), desc=f"sensitivity {site}", disable=not progress)
     for layer in range(n):
         for g, s in enumerate(grid[1:], start=1):
-            sparsify_(model, stats.thresholds({layer: s}, site))
-            try:
+            with sparsified(model, stats.thresholds({layer: s}, site)):
                 delta[layer, g] = perplexity(model, windows, progress=False).nll - base
-            finally:
-                unsparsify_(model)
             bar.update()
     bar.close()
     return Sensitivity(list(grid), delta, base, time.perf_counter() - t0,

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dormant.llm.adapters import Tap, ffn_layout
+from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
 from dormant.traces import ActivationTrace, pack_masks
 
-__all__ = ["collect_trace"]
+__all__ = ["collect_trace", "resident_params"]
 
 
 @torch.inference_mode()
@@ -64,3 +64,16 @@ def collect_trace(
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {"id": model_id or getattr(model.config, "_name_or_path", None), "dtype": dtype, **layout.describe()}
     return ActivationTrace(packed, layout.intermediate_size, meta, src)
+
+
+def resident_params(model: nn.Module, layout: FFNLayout | None = None) -> dict[str, int]:
+    """Non-FFN parameters read per layer (attention, norms) and the LM head read per token.
+
+    The prefetch simulator reads them from a trace's ``source["params"]`` to cost what stays resident.
+    """
+    layout = layout or ffn_layout(model)
+    ffn = {id(p) for f in layout.ffns for p in f.parameters()}
+    per_layer = [sum(p.numel() for p in layer.parameters() if id(p) not in ffn) for layer in layout.layers]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {"attn_per_layer": int(sum(per_layer) / max(len(per_layer), 1)),
+            "head": int(head.weight.numel()) if head is not None else 0}

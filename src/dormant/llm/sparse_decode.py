@@ -8,11 +8,14 @@
 * the sparse kernel (:func:`dormant.kernels.sparse_ffn_decode`) for a single token (batch 1,
   sequence 1) of a model with active thresholds, applying those thresholds itself (the hooks
   :func:`~dormant.llm.sparsify.sparsify_` put on the children are not run, so nothing is applied twice);
-* otherwise the original container, hooks and all: prefill (several tokens) and batched decode stay
-  dense, explicitly. Also dense: a step under autograd, a dtype mismatch, and any hook on the FFN other
-  than those of ``sparsify_`` (an observer such as :func:`~dormant.llm.sparsify.measure_sparsity` must
-  see every tensor), so results never depend on which path ran. :func:`sparse_decode_stats` counts the
-  paths taken.
+* otherwise the original container, hooks and all: prefill (several tokens) and batched decode run the
+  dense modules with the thresholds applied by the hooks (the same results, not faster). Also dense, and
+  said once per layer with a :class:`SparseDecodeWarning`: a step under autograd, extra arguments, a dtype
+  mismatch, and any hook on the FFN other than those of ``sparsify_`` (an observer such as
+  :func:`~dormant.llm.sparsify.measure_sparsity` must see every tensor), so results never depend on which path
+  ran. :func:`sparse_decode_stats` counts the paths taken. Process-wide module hooks
+  (``torch.nn.modules.module.register_module_forward_hook``) see the container's input and output on the kernel
+  path, not its children's.
 
 Which thresholds run in the kernel: any of the taps ``GATE``, ``UP``, ``ACT``, ``MID``, ``OUT`` -- the sites
 ``gate_act`` (CATS: gate read in full, up/down rows of active neurons only), ``paper`` (Dhar et al.
@@ -25,13 +28,13 @@ switches to the predicted-set mode (gate rows of inactive neurons skipped too); 
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_mod
 
 from dormant.kernels import (
     FFNThresholds,
@@ -51,6 +54,7 @@ from dormant.llm.thresholds import Thresholds
 __all__ = [
     "KERNEL_TAPS",
     "SparseDecodeError",
+    "SparseDecodeWarning",
     "SparseDecodeMLP",
     "enable_sparse_decode_",
     "disable_sparse_decode_",
@@ -68,6 +72,19 @@ Predictor = Callable[[int, torch.Tensor], torch.Tensor]
 
 class SparseDecodeError(RuntimeError):
     """The model, its thresholds or the requested kernel cannot use sparse decode."""
+
+
+class SparseDecodeWarning(UserWarning):
+    """A decode step the kernel could take runs the dense modules instead (said once per layer and reason)."""
+
+
+# Reasons a single-token step runs the dense modules, and what the warning says about each.
+_DENSE_REASONS = {
+    "extra_args": "the FFN was called with extra arguments",
+    "autograd": "gradients are enabled for the FFN weights",
+    "dtype": "the FFN input dtype differs from the weight dtype",
+    "hooks": "a forward hook other than sparsify_'s is registered inside the FFN",
+}
 
 
 def kernel_sites() -> list[str]:
@@ -125,6 +142,7 @@ class SparseDecodeMLP(nn.Module):
         self.predictor = predictor
         self.interleave = interleave
         self.calls: Counter[str] = Counter()
+        self._warned: set[str] = set()
         self._layout = layout
         spec = layout.spec
         self._weight_owners = tuple(
@@ -175,8 +193,6 @@ class SparseDecodeMLP(nn.Module):
 
     def _foreign_hooks(self, state) -> bool:
         """Whether a hook other than sparsify_'s would run inside this FFN (then only the dense path is exact)."""
-        if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
-            return True
         cached_for, ids = self._hook_ids
         if cached_for is not state:
             ids = state.hook_ids if state is not None else frozenset()
@@ -207,6 +223,10 @@ class SparseDecodeMLP(nn.Module):
         reason = "extra_args" if args or kwargs else self._blocker(x, state)
         if reason is not None:
             self.calls["dense:" + reason] += 1
+            if reason in _DENSE_REASONS and reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(f"sparse decode: layer {self.layer} runs its dense FFN modules ({_DENSE_REASONS[reason]});"
+                              " results are the same, decode is not faster", SparseDecodeWarning, stacklevel=2)
             # The original container's own hooks (registered before the swap) run here, the children's inside.
             return self._dense(x, *args, **kwargs)
         thr = self.thresholds(state.thresholds) if state is not None else FFNThresholds()

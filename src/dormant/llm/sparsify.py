@@ -27,6 +27,7 @@ __all__ = [
     "active_thresholds",
     "SparsifyState",
     "sparsify_state",
+    "sparsified",
     "SparsityMeter",
     "measure_sparsity",
 ]
@@ -77,6 +78,27 @@ def unsparsify_(model: nn.Module) -> nn.Module:
         for h in state.handles:
             h.remove()
     return model
+
+
+@contextmanager
+def sparsified(model: nn.Module, thresholds: Thresholds | None, model_id: str | None = None) -> Iterator[nn.Module]:
+    """Enforce ``thresholds`` inside the block and restore the model's previous state on exit, always.
+
+    ``thresholds=None`` leaves the model as it is. On exit the thresholds that were active before (if any) are
+    put back, otherwise the model is dense again.
+    """
+    if thresholds is None:
+        yield model
+        return
+    previous = active_thresholds(model)
+    sparsify_(model, thresholds, model_id)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            unsparsify_(model)
+        else:
+            sparsify_(model, previous)
 
 
 def is_sparsified(model: nn.Module) -> bool:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,11 +28,10 @@ from torch import nn
 from dormant.artifacts import load_artifact, save_artifact
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
+from dormant.llm.sparsify import sparsified, sparsify_state
+from dormant.llm.thresholds import Thresholds, normalize_targets
 
-if TYPE_CHECKING:
-    from dormant.llm.thresholds import Thresholds
-
-__all__ = ["MagnitudeHistogram", "ActivationStats", "StatsConfig", "collect_stats", "refine_thresholds"]
+__all__ = ["MagnitudeHistogram", "ActivationStats", "StatsConfig", "collect_stats"]
 
 
 class MagnitudeHistogram:
@@ -204,10 +203,8 @@ class ActivationStats:
         h = self.hist
         return (h.zeros.double() / h.counts.sum(-1).clamp(min=1).double()).view(self.n_layers, len(self.taps))
 
-    def thresholds(self, sparsity: float | Sequence[float] | dict[int, float], site: str):
+    def thresholds(self, sparsity: float | Sequence[float] | dict[int, float], site: str) -> Thresholds:
         """The :class:`~dormant.llm.thresholds.Thresholds` reaching ``sparsity`` (one value, or per layer)."""
-        from dormant.llm.thresholds import Thresholds, normalize_targets
-
         targets = normalize_targets(sparsity, self.n_layers)
         return Thresholds(
             values=self.quantiles(targets),
@@ -217,6 +214,16 @@ class ActivationStats:
             model=dict(self.model),
             calibration=dict(self.data),
         )
+
+    def subset(self, taps: Sequence[Tap]) -> ActivationStats:
+        """The statistics of ``taps`` only (e.g. one site's taps out of a multi-site calibration pass)."""
+        missing = [t.value for t in taps if t not in self.taps]
+        if missing:
+            raise ValueError(f"statistics hold no tap(s) {missing}; they hold {[t.value for t in self.taps]}")
+        idx = torch.tensor([self.stream(layer, t) for layer in range(self.n_layers) for t in taps])
+        state = {k: v[idx] for k, v in self.hist.state().items()}
+        hist = MagnitudeHistogram.from_state(state, self.hist.params())
+        return ActivationStats(hist, tuple(taps), dict(self.model), dict(self.data), self.seconds)
 
     def save(self, path: str | Path) -> Path:
         meta = {
@@ -258,7 +265,7 @@ def collect_stats(
 
     ``under``: thresholds enforced during the pass (on a model that is otherwise dense). Each tap is
     observed *before* its own threshold applies but after every upstream tap's, so thresholds read from
-    the result fit the activations the sparsified model really produces (:func:`refine_thresholds`).
+    the result fit the activations the sparsified model really produces (:func:`dormant.llm.calibrate.refine`).
     """
     from tqdm.auto import tqdm
 
@@ -271,24 +278,15 @@ def collect_stats(
     def observe(layer: int, tap: Tap, x: torch.Tensor) -> None:
         hist.update(layer * len(taps) + index[tap], x)
 
+    if under is not None and sparsify_state(model) is not None:
+        raise ValueError("collect_stats(under=...) needs a dense model; call unsparsify_(model) first")
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    with torch.inference_mode(), tap_hooks(layout, taps, observe):
-        if under is not None:  # registered after the observers, so they see each tap before its threshold
-            from dormant.llm.sparsify import sparsify_, sparsify_state
-
-            if sparsify_state(model) is not None:
-                raise ValueError("collect_stats(under=...) needs a dense model; call unsparsify_(model) first")
-            sparsify_(model, under, model_id)
-        try:
-            for i in tqdm(range(0, len(windows), config.batch_size), desc="calibrate", disable=not config.progress,
-                          unit="batch"):
-                model(windows[i : i + config.batch_size].to(device), use_cache=False)
-        finally:
-            if under is not None:
-                from dormant.llm.sparsify import unsparsify_
-
-                unsparsify_(model)
+    # The observers are registered before the thresholds of ``under``, so they see each tap before its threshold.
+    with torch.inference_mode(), tap_hooks(layout, taps, observe), sparsified(model, under, model_id):
+        for i in tqdm(range(0, len(windows), config.batch_size), desc="calibrate", disable=not config.progress,
+                      unit="batch"):
+            model(windows[i : i + config.batch_size].to(device), use_cache=False)
     hist.sync()
     meta = {"id": model_id or getattr(model.config, "_name_or_path", None), **layout.describe()}
     data = dict(data or {})
@@ -296,29 +294,3 @@ def collect_stats(
     if under is not None:
         data["under_thresholds"] = {"site": under.site, "mean_target": float(under.targets.mean())}
     return ActivationStats(hist, taps, meta, data, time.perf_counter() - t0)
-
-
-def refine_thresholds(
-    model: nn.Module,
-    windows: torch.Tensor,
-    thresholds: Thresholds,
-    sparsity: float | Sequence[float] | dict[int, float],
-    passes: int = 1,
-    config: StatsConfig | None = None,
-    model_id: str | None = None,
-    data: dict[str, Any] | None = None,
-) -> Thresholds:
-    """Re-read ``thresholds`` for ``sparsity`` from passes run *under* the current thresholds.
-
-    Dense calibration (the paper's) reads every tap's threshold from dense activations, but once upstream
-    taps are thresholded the downstream distributions shift (e.g. the ``paper`` site's down_proj output
-    overshoots its target). Each pass collects |a| with the current thresholds enforced
-    (``collect_stats(..., under=...)``) and reads new ones, a fixed-point iteration towards per-layer
-    sparsity on target; ``passes`` = 1 or 2 is usually enough. Costs one calibration pass each.
-    """
-    site = thresholds.site
-    for _ in range(passes):
-        stats = collect_stats(model, windows, thresholds.taps, config, model_id=model_id, data=data, under=thresholds)
-        thresholds = stats.thresholds(sparsity, site)
-    return thresholds
-

@@ -1,4 +1,4 @@
-"""Per-layer, per-tap zero-enforcing thresholds: the versioned artifact and the calibration verb.
+"""Per-layer, per-tap zero-enforcing thresholds: the versioned artifact (calibrated by :mod:`dormant.llm.calibrate`).
 
 Rule (paper Eq. 7): an activation ``a`` at a thresholded tap becomes 0 when ``|a| < T[l, tap]`` and is
 kept otherwise. ``T`` is the ``target``-quantile of ``|a|`` on calibration text, so a fraction
@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dormant.artifacts import ArtifactError, load_artifact, save_artifact
-from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
+from dormant.llm.adapters import FFNLayout, Tap
 
-__all__ = ["Thresholds", "calibrate", "normalize_targets"]
+__all__ = ["Thresholds", "normalize_targets"]
 
 
 def normalize_targets(sparsity: float | Sequence[float] | dict[int, float], n_layers: int) -> torch.Tensor:
@@ -135,21 +134,3 @@ class Thresholds:
             "threshold_last_layer": self.values[-1].tolist(),
             "calibration": self.calibration,
         }
-
-
-def calibrate(
-    model: nn.Module,
-    windows: torch.Tensor,
-    site: str,
-    sparsity: float | Sequence[float] | dict[int, float],
-    model_id: str | None = None,
-    data: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> Thresholds:
-    """Collect |a| statistics at ``site``'s taps over ``windows`` and read thresholds for ``sparsity``."""
-    from dormant.llm.sites import site_taps
-    from dormant.llm.stats import StatsConfig, collect_stats
-
-    taps = site_taps(site, ffn_layout(model))
-    stats = collect_stats(model, windows, taps, StatsConfig(progress=progress), model_id=model_id, data=data)
-    return stats.thresholds(sparsity, site)

@@ -10,8 +10,9 @@ reads) and PowerInfer (Song et al., SOSP 2024: hot neurons pinned by profiled fr
 Modules: :mod:`~dormant.offload.traces` (traces, geometry, weight formats), :mod:`~dormant.offload.profiles`
 (device profiles and the storage model), :mod:`~dormant.offload.layout` (weight-file layout, request
 cost), :mod:`~dormant.offload.policies`, :mod:`~dormant.offload.simulator`,
-:mod:`~dormant.offload.reference` (brute-force caches), :mod:`~dormant.offload.sweep` (policy x budget x
-profile runs and reports), :mod:`~dormant.offload.storage` (real reads on this machine's disk).
+:mod:`~dormant.offload.reference` (brute-force caches), :mod:`~dormant.offload.storage` (real reads on this
+machine's disk). The package reads :class:`~dormant.traces.ActivationTrace` artifacts and never imports the model
+side; the runs (policy x budget x profile sweeps, trace recording, reports) are in :mod:`dormant.experiments.offload`.
 """
 
 from dormant.offload.layout import ItemLayout, StorageLayout

@@ -1,6 +1,6 @@
 """Real reads of neuron chunks from a weight file on this machine's disk, to check the storage model.
 
-:func:`storage_check` (CLI ``dormant storage-check``):
+The check (CLI ``dormant storage-check``, run by :func:`dormant.experiments.offload.storage_check`):
 
 1. writes a weight file laid out as the simulator assumes (:class:`~dormant.offload.layout.ItemLayout`,
    bundled, random bytes -- contents do not matter, holes would, so the file is really written);
@@ -21,43 +21,22 @@ overhead is part of both the fit and the check. In a virtual machine the host ma
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dormant.config import field
-from dormant.offload.layout import ItemLayout, StorageLayout
+from dormant.offload.layout import ItemLayout
 from dormant.offload.profiles import DeviceProfile, Figure
-from dormant.offload.traces import FFNGeometry, iter_masks, synthetic_trace, weight_format
 
-__all__ = ["StorageCheckConfig", "DirectReader", "fit_profile", "replay", "storage_check"]
+__all__ = ["ALIGN", "DirectReader", "write_weight_file", "fit_profile", "replay"]
 
 ALIGN = 4096
-
-
-@dataclass
-class StorageCheckConfig:
-    path: str = field("runs/offload/storage-check.bin", help="weight file to write and read (put it on the disk "
-                                                             "to test)")
-    trace: str | None = field(None, help="oracle trace whose demand loads are replayed (default: synthetic, "
-                                         "SmolLM2-135M geometry, density 0.5)")
-    batches: int = field(60, help="(token, layer) batches replayed per setting")
-    chunks: list[int] = field(default_factory=lambda: [1, 8], help="chunk sizes (neurons) to replay")
-    queue_depths: list[int] = field(default_factory=lambda: [1, 8], help="queue depths to replay")
-    weight_format: str = field("fp16", help="stored weight format")
-    fit_reads: int = field(1500, help="4 KiB random reads per IOPS microbenchmark")
-    seed: int = field(0, help="seed for batch and offset choice")
-    keep_file: bool = field(False, help="keep the weight file afterwards")
-    out: str = field("runs/offload/storage-check", help="output folder (report.md, results.json, "
-                                                        "this-machine.yaml, check.png)")
 
 
 class DirectReader:
@@ -237,83 +216,3 @@ def replay(reader: DirectReader, items: ItemLayout, batches: list[tuple[int, np.
         "measured_per_batch": m.tolist(),
         "predicted_per_batch": p.tolist(),
     }
-
-
-def storage_check(cfg: StorageCheckConfig) -> Path:
-    """Fit this machine's profile, replay trace batches with real reads, write the comparison; returns report path."""
-    from dormant.artifacts import atomic_write_text
-    from dormant.report import markdown_table, new_figure, provenance, save_figure, write_markdown
-    from dormant.traces import ActivationTrace
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.trace:
-        trace = ActivationTrace.load(cfg.trace)
-    else:
-        trace = synthetic_trace(64, 30, 1536, density=0.5, hidden_size=576, seed=cfg.seed)
-    fmt = weight_format(cfg.weight_format, trace)
-    geometry = FFNGeometry.from_trace(trace)
-    base = ItemLayout(geometry, fmt, StorageLayout(align=ALIGN))
-    file_size = base.layer_bytes * geometry.n_layers
-    path = Path(cfg.path)
-    t0 = time.perf_counter()
-    write_weight_file(path, file_size)
-    t_write = time.perf_counter() - t0
-    try:
-        profile, raw = fit_profile(path, file_size, max(cfg.queue_depths), cfg.fit_reads, cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
-        masks = np.concatenate([m for _, m in iter_masks(trace, 0, min(trace.n_tokens, 512))])
-        picks = [(int(rng.integers(masks.shape[1])), masks[int(rng.integers(len(masks)))])
-                 for _ in range(cfg.batches)]
-        batches = [(layer, m[layer]) for layer, m in picks]
-        results = []
-        for chunk in cfg.chunks:
-            items = ItemLayout(geometry, fmt, StorageLayout(chunk=chunk, align=ALIGN))
-            max_req = max(s for layer, m in batches for _, s in items.request_list(layer, items.items(m)) or [(0, 0)])
-            for qd in cfg.queue_depths:
-                reader = DirectReader(path, max_req, qd)
-                try:
-                    results.append(replay(reader, items, batches, profile))
-                finally:
-                    reader.close()
-    finally:
-        if not cfg.keep_file:
-            path.unlink(missing_ok=True)
-
-    atomic_write_text(out / "this-machine.yaml", profile.to_yaml())
-    summary = {"config": asdict(cfg), "file_bytes": file_size, "write_seconds": t_write, "fit": raw,
-               "profile": profile.to_dict(), "results": results, "provenance": provenance()}
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
-    fig, axes = new_figure(1, 1, (5.0, 4.5))
-    ax = axes[0][0]
-    lo, hi = np.inf, 0.0
-    for r in results:
-        m, p = np.array(r["measured_per_batch"]) * 1e3, np.array(r["predicted_per_batch"]) * 1e3
-        ax.scatter(p, m, s=8, label=f"chunk {r['chunk']}, QD {r['queue_depth']}")
-        lo, hi = min(lo, m.min(), p.min()), max(hi, m.max(), p.max())
-    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls=":")
-    ax.set(xscale="log", yscale="log", xlabel="modelled ms per batch", ylabel="measured ms per batch",
-           title=f"storage model vs real reads ({raw['mode']})")
-    ax.legend(fontsize=7)
-    save_figure(fig, out / "check.png")
-    rows = [[r["chunk"], r["queue_depth"], r["batches"], r["requests_per_batch"], r["bytes_per_batch"] / 1e3,
-             r["measured_s"] * 1e3 / r["batches"], r["predicted_s"] * 1e3 / r["batches"], r["ratio_total"],
-             r["ratio_median"], f"{r['ratio_p10']:.2f}-{r['ratio_p90']:.2f}"] for r in results]
-    sm = profile.storage
-    text = "\n".join([
-        "# Storage model vs real reads\n",
-        f"Weight file: {file_size / 1e6:.1f} MB ({geometry.n_layers} layers x {geometry.intermediate_size} neurons x "
-        f"{base.neuron_bytes} B, {fmt.name}, bundled, 4 KiB-aligned), written in {t_write:.1f} s at {path}. "
-        f"Page cache bypass: **{raw['mode']}**.\n",
-        "Fitted profile (microbenchmarks, not the replayed batches): "
-        f"B = {sm.bandwidth / 1e6:.0f} MB/s (4 MiB sequential, QD1), 4 KiB QD1 = {raw['iops_qd1']:.0f} IOPS "
-        f"(L = {sm.latency * 1e6:.0f} us), 4 KiB QD{raw['qd']} = {raw['iops_qd']:.0f} IOPS. "
-        "Saved as `this-machine.yaml` (usable with `dormant simulate --profiles`).\n",
-        "Replay: demand loads of one layer of one token per batch (coalesced runs, 4 KiB-aligned), "
-        f"{cfg.batches} random (token, layer) batches of "
-        + (f"`{cfg.trace}`" if cfg.trace else "a synthetic trace (SmolLM2-135M geometry, density 0.5)") + ".\n",
-        markdown_table(["chunk", "QD", "batches", "requests/batch", "kB/batch", "measured ms/batch",
-                        "modelled ms/batch", "total ratio", "median ratio", "p10-p90 ratio"], rows, digits=2),
-        "Ratio = measured / modelled time. ![check](check.png)\n",
-    ])
-    return write_markdown(out / "report.md", text)

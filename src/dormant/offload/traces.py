@@ -14,7 +14,6 @@ active-neuron masks) unchanged. This module adds what the cost model needs aroun
       ffn_bytes       = n_layers * I * neuron_bytes
 
   e.g. SmolLM2-135M (D=576, I=1536, 30 layers) in fp16: 3456 B per neuron, 159 MB of FFN.
-* :func:`record_trace` -- an oracle trace from a real text pass of a (thresholded) model;
 * :func:`synthetic_trace` and :func:`perturb_trace` -- traces with a power-law of neuron frequencies and
   temporal persistence, and "predicted" traces made from an oracle by injecting false negatives and
   false positives (for tests, benchmarks, and until real predictor traces exist).
@@ -24,12 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
 
-from dormant.config import field
 from dormant.formats import WeightFormat
 from dormant.formats import weight_format as _lookup
 from dormant.traces import ActivationTrace, pack_masks, unpack_masks
@@ -38,8 +34,6 @@ __all__ = [
     "WeightFormat",
     "weight_format",
     "FFNGeometry",
-    "TraceConfig",
-    "record_trace",
     "iter_masks",
     "synthetic_trace",
     "perturb_trace",
@@ -92,7 +86,7 @@ class FFNGeometry:
     def from_trace(cls, trace: ActivationTrace) -> FFNGeometry:
         """Geometry from a trace's metadata.
 
-        Resident parameter counts come from ``source["params"]`` (written by :func:`record_trace`). When
+        Resident parameter counts come from ``source["params"]`` (written by ``dormant trace``, :func:`dormant.llm.masks.resident_params`). When
         absent they are estimated as ``4 * D**2`` per layer (multi-head attention) and ``vocab * D`` for
         the head (0 if the vocabulary is unknown).
         """
@@ -104,53 +98,6 @@ class FFNGeometry:
         attn = int(params.get("attn_per_layer", 4 * d * d))
         head = int(params.get("head", (m.get("vocab_size") or 0) * d))
         return cls(int(m.get("n_layers", trace.n_layers)), d, trace.n_neurons, bool(m.get("gated", True)), attn, head)
-
-
-def _resident_params(model: torch.nn.Module, layout) -> dict[str, int]:
-    """Non-FFN parameters read per layer (attention, norms) and the LM head read per token."""
-    ffn = {id(p) for f in layout.ffns for p in f.parameters()}
-    per_layer = [sum(p.numel() for p in layer.parameters() if id(p) not in ffn) for layer in layout.layers]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {"attn_per_layer": int(sum(per_layer) / max(len(per_layer), 1)),
-            "head": int(head.weight.numel()) if head is not None else 0}
-
-
-@dataclass
-class TraceConfig:
-    thresholds: str | None = field(None, help="Thresholds artifact to apply before recording (dense if unset)")
-    max_tokens: int = field(4096, help="tokens to record (from the start of the evaluation text)")
-    out: str = field("runs/offload/trace.safetensors", help="where to write the ActivationTrace")
-
-
-def record_trace(model_cfg, eval_cfg, cfg: TraceConfig, progress: bool = True) -> ActivationTrace:
-    """Record an oracle trace: a real text pass of a (thresholded) model, with its FFN geometry and dtype.
-
-    Args:
-        model_cfg: :class:`dormant.llm.models.ModelConfig`.
-        eval_cfg: :class:`dormant.llm.sweep.EvalConfig` -- the text and window length.
-        cfg: what to record and where to save it.
-
-    Returns:
-        The trace (also saved to ``cfg.out``); ``source`` holds the text, thresholds and resident
-        parameter counts (``params``).
-    """
-    from dormant.llm.adapters import ffn_layout
-    from dormant.llm.masks import collect_trace
-    from dormant.llm.models import load_model
-    from dormant.llm.sparsify import sparsify_
-    from dormant.llm.sweep import load_eval_windows
-    from dormant.llm.thresholds import Thresholds
-
-    model, tok, info = load_model(model_cfg)
-    if cfg.thresholds:
-        sparsify_(model, Thresholds.load(cfg.thresholds), info["id"])
-    ev = load_eval_windows(tok, eval_cfg)
-    src: dict[str, Any] = {"text": ev.describe(), "thresholds_path": cfg.thresholds,
-                           "params": _resident_params(model, ffn_layout(model))}
-    trace = collect_trace(model, ev.ids, model_id=info["id"], source=src, max_tokens=cfg.max_tokens,
-                          progress=progress)
-    trace.save(cfg.out)
-    return trace
 
 
 def iter_masks(trace: ActivationTrace, start: int = 0, stop: int | None = None,

@@ -1,6 +1,7 @@
 """Configuration dataclasses of :mod:`dormant.snn` (no torch import, so the CLI stays light).
 
-Each maps 1:1 onto command-line flags (:mod:`dormant.config`); library functions take them, never argparse.
+Each maps 1:1 onto command-line flags (:mod:`dormant.config`); library functions take them, never argparse. The
+configs of runs (output folders, data splits, threads) live with the runs in :mod:`dormant.experiments`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Literal
 
 from dormant.config import field
 
-__all__ = ["ConvertConfig", "FTBCConfig", "CorrectionConfig", "EnergyConfig", "RunConfig", "QCFSTrainConfig"]
+__all__ = ["ConvertConfig", "FTBCConfig", "CorrectionConfig", "EnergyConfig"]
 
 
 @dataclass
@@ -88,51 +89,3 @@ class EnergyConfig:
     def __post_init__(self):
         if self.analog_input not in ("once", "every_step"):
             raise ValueError(f"analog_input must be one of ('once', 'every_step'), got {self.analog_input!r}")
-
-
-@dataclass
-class RunConfig:
-    model: str = field("resnet20", help="zoo model: resnet20/32/44/56, vgg16, lenet")
-    weights: str | None = field(None, help="checkpoint path (default: the zoo's pretrained weights)")
-    qcfs: str | None = field(None, help="QCFS checkpoint (from `dormant snn train-qcfs`) to convert instead of the ReLU net")
-    data: str | None = field(None, help="dataset (default: the model's): cifar10-lossless, cifar10-jpeg, cifar10, mnist")
-    data_path: str | None = field(None, help="explicit dataset file/folder")
-    holdout: int = field(1000, help="training images held out for selection (never test images)")
-    calib_images: int | None = field(None, help="calibration images (thresholds and FTBC) from the rest; all if unset")
-    split_seed: int = field(0, help="seed of the calibration/held-out split")
-    test_images: int | None = field(None, help="evaluate on the first N test images (all if unset)")
-    evaluate: Literal["test", "none"] = field("test", help="test: evaluate on the test split; none: held-out only")
-    batch_size: int = field(100, help="images per simulation batch")
-    chunk: int | None = field(None, help="time steps per stateless call (memory bound only)")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = field(None, help="torch CPU threads (default: torch's choice)")
-    out: str = field("runs/snn", help="output folder")
-    progress: bool = field(True, help="show progress bars")
-
-
-@dataclass
-class QCFSTrainConfig:
-    model: str = field("resnet20", help="zoo model whose ReLU weights are fine-tuned")
-    weights: str | None = field(None, help="ReLU checkpoint (default: the zoo's pretrained weights)")
-    levels: int = field(4, help="QCFS quantization levels L")
-    init_percentile: float = field(99.5, help="initial theta per layer: this percentile of the ReLU activations")
-    init_images: int = field(500, help="training images used for the initial theta")
-    data: str = field("cifar10-jpeg", help="training data: cifar10-jpeg (lossy, 50k), cifar10-lossless (4k), cifar10")
-    data_path: str | None = field(None, help="explicit dataset file/folder")
-    train_images: int | None = field(None, help="random subset of the training images (all if unset)")
-    val_images: int = field(1000, help="training images held out and scored after each epoch (monitoring only)")
-    epochs: int = field(4, help="epochs (cosine learning rate over all of them)")
-    batch_size: int = field(128, help="images per optimizer step")
-    lr: float = field(0.02, help="initial learning rate (SGD)")
-    momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(5e-4, help="weight decay (weights and theta)")
-    augment: bool = field(True, help="random crop (pad 4) and horizontal flip")
-    seed: int = field(0, help="seed of the split, the shuffling and the augmentation")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = field(None, help="torch CPU threads (default: torch's choice)")
-    out: str = field("runs/qcfs/resnet20_L4", help="output folder (checkpoints, history, final model)")
-    progress: bool = field(True, help="show progress bars")
-
-    def __post_init__(self):
-        if self.levels < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("levels, epochs and batch_size must be >= 1 and lr > 0")

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["ImageSet", "DATASETS", "load_dataset", "split_holdout", "CIFAR10_CLASSES"]
+__all__ = ["ImageSet", "DATASETS", "load_dataset", "split_holdout", "augment_crop_flip", "CIFAR10_CLASSES"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -204,3 +205,24 @@ def load_dataset(name: str, split: str, path: str | None = None) -> ImageSet:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return DATASETS[name](split, path)
+
+
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding, and random horizontal flip, per image.
+
+    Args:
+        x: ``[B, C, H, W]`` uint8 images (padding is black, as torchvision's ``RandomCrop(padding=4)``).
+        generator: CPU generator (seeded per epoch for resumable runs).
+
+    Returns:
+        ``[B, C, H, W]`` uint8.
+    """
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    out = xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)

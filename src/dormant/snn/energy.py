@@ -29,8 +29,6 @@ convolutions up to the border positions of padded convolutions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,10 +37,9 @@ from torch import fx, nn
 
 from dormant.snn.configs import EnergyConfig
 from dormant.snn.neurons import IFNeuron, SpikeMaxPool2d
-from dormant.snn.simulate import StepCounts
 
-__all__ = ["E_AC_PJ", "E_MAC_PJ", "EnergyConfig", "SynapticLayer", "synaptic_layers", "layer_macs",
-           "SynapticMonitor", "monitor_synapses", "synaptic_ops", "energy_estimate", "EnergyEstimate"]
+__all__ = ["E_AC_PJ", "E_MAC_PJ", "EnergyConfig", "SynapticLayer", "synaptic_layers", "layer_macs", "synaptic_ops",
+           "energy_estimate", "EnergyEstimate"]
 
 E_AC_PJ = 0.9  # Horowitz 2014, 45 nm, 32-bit float add
 E_MAC_PJ = 4.6  # Horowitz 2014, 45 nm, 32-bit float multiply (3.7) + add (0.9)
@@ -135,51 +132,6 @@ def synaptic_layers(snn) -> dict[str, SynapticLayer]:
             is_analog = any(a in analog for a in node.all_input_nodes)
             out[node.target] = SynapticLayer(layer_macs(mods[node.target], i, o), is_analog, n_in)
     return out
-
-
-class SynapticMonitor(StepCounts):
-    """Counts non-zero inputs of every conv/linear layer per step during :meth:`SpikingNetwork.simulate`.
-
-    Use through :func:`monitor_synapses`; call :meth:`start_batch` with the batch size before each simulation.
-
-    Attributes:
-        counts: ``{layer: [T] float64}`` non-zero input elements summed over the batch.
-        samples: samples seen per layer.
-    """
-
-    def __init__(self, layers: dict[str, SynapticLayer]):
-        super().__init__()
-        self.layers = layers
-        self._n = 0
-
-    def start_batch(self, n: int) -> None:
-        super().start_batch()
-        self._n = n
-
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        """``x``: the layer's merged input ``[T_c * n, ...]`` (step-major)."""
-        if not self._n or x.shape[0] % self._n:
-            return  # not a simulation call (e.g. an ANN-mode forward)
-        self.add(name, x.reshape(x.shape[0] // self._n, -1), self._n)
-
-    def rates(self) -> dict[str, torch.Tensor]:
-        """``{layer: [T]}`` input rate per step (fraction of non-zero input elements)."""
-        return {k: v / (self.samples[k] * self.layers[k].in_elements) for k, v in self.counts.items()}
-
-
-@contextmanager
-def monitor_synapses(snn) -> Iterator[SynapticMonitor]:
-    """Context manager: hooks every conv/linear input of ``snn`` and always removes the hooks."""
-    layers = synaptic_layers(snn)
-    mon = SynapticMonitor(layers)
-    mods = dict(snn.net.named_modules())
-    handles = [mods[name].register_forward_pre_hook(lambda m, inp, name=name: mon.observe(name, inp[0]))
-               for name in layers]
-    try:
-        yield mon
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def synaptic_ops(rates: torch.Tensor, macs: int) -> torch.Tensor:

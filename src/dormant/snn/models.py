@@ -3,13 +3,13 @@
 * ``resnet20/32/44/56``: the CIFAR ResNets of He et al. (CVPR 2016, Sec. 4.2): depth 6n+2, three stages of n
   BasicBlocks with 16/32/64 channels, option-A shortcut (stride-2 subsampling + zero channel padding, no
   parameters), global average pooling, ``Linear(64, 10)``. Key names match the pretrained checkpoints of
-  akamaster/pytorch_resnet_cifar10, which :func:`load_model` loads strictly.
+  akamaster/pytorch_resnet_cifar10, which :func:`load_zoo_model` loads strictly.
 * ``vgg16``: a CIFAR VGG-16 (13 conv+BN+ReLU, 5 pooling layers, FC-4096-FC-4096-FC as in the QCFS code base).
   No pretrained weights exist offline; it is there to be trained (or converted from a user checkpoint).
 * ``lenet``: the ReLU LeNet with max pooling of ShrinkBench's MNIST checkpoint.
 
 Every ReLU is its own ``nn.ReLU`` module and every shortcut is a module, so the conversion in
-:mod:`dormant.snn.convert` can see all of them.
+:mod:`dormant.snn.conversion` can see all of them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = [
     "ModelSpec",
     "MODELS",
     "build_model",
-    "load_model",
+    "load_zoo_model",
     "load_state_dict_strict",
 ]
 
@@ -233,7 +233,7 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
         raise ValueError(f"{source} does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
 
 
-def load_model(name: str, weights: str | Path | None = None, pretrained: bool = True) -> tuple[nn.Module, ModelSpec]:
+def load_zoo_model(name: str, weights: str | Path | None = None, pretrained: bool = True) -> tuple[nn.Module, ModelSpec]:
     """Build zoo model ``name`` and load its weights strictly.
 
     Args:

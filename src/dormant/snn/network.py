@@ -41,7 +41,7 @@ class _Stop(Exception):
 
 
 class SpikingNetwork(nn.Module):
-    """A converted network (build it with :func:`dormant.snn.convert.convert`).
+    """A converted network (build it with :func:`dormant.snn.conversion.convert`).
 
     Attributes:
         net: the ``fx.GraphModule``; neurons live at ``net.neurons.<node name>``.
@@ -226,7 +226,8 @@ class SpikingNetwork(nn.Module):
     def load(cls, path: str | Path, ann: nn.Module | None = None) -> SpikingNetwork:
         """Load a saved network. Zoo models are rebuilt from their name; for other models pass the ANN
         (its architecture is traced again; its weights are replaced by the saved, folded ones)."""
-        from dormant.snn.convert import ConvertConfig, build_spiking_network
+        from dormant.snn.configs import ConvertConfig
+        from dormant.snn.graph import spiking_graph
         from dormant.snn.models import MODELS, build_model
 
         tensors, meta, _ = load_artifact(path, cls.KIND, (cls.VERSION,))
@@ -241,7 +242,7 @@ class SpikingNetwork(nn.Module):
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: malformed SpikingNetwork meta ({e})") from e
         scalars = meta.pop("neuron_scalars", {})
-        snn = build_spiking_network(ann, example, cfg, meta=meta)
+        snn = cls(spiking_graph(ann, example, cfg), meta)
         snn.load_state_tensors(tensors)
         neurons = snn.neurons
         for name, sc in scalars.items():

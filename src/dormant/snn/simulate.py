@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dormant.snn.monitors import SpikeMonitor, monitor_synapses
 from dormant.snn.network import SpikingNetwork
 
-__all__ = ["StepCounts", "SpikeMonitor", "SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device",
-           "per_step_correct"]
+__all__ = ["SNNEvaluation", "evaluate_ann", "evaluate_snn", "resolve_device", "per_step_correct"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -25,63 +25,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-class StepCounts:
-    """Non-zero elements per step and name, summed over the batches of a simulation run in time chunks.
-
-    Attributes:
-        counts: ``{name: [T] float64}`` non-zero elements summed over batch and positions.
-        samples: samples seen (per name).
-    """
-
-    def __init__(self):
-        self.counts: dict[str, torch.Tensor] = {}
-        self.samples: dict[str, int] = {}
-        self._t: dict[str, int] = {}
-
-    def start_batch(self) -> None:
-        self._t = {}
-
-    def add(self, name: str, x: torch.Tensor, n: int) -> None:
-        """``x``: ``[tc, ...]`` the next ``tc`` steps of ``name`` for one batch of ``n`` samples."""
-        tc = x.shape[0]
-        c = (x.reshape(tc, -1) != 0).sum(1).double().cpu()
-        t0 = self._t.get(name, 0)
-        if t0 == 0:
-            self.samples[name] = self.samples.get(name, 0) + n
-        cur = self.counts.get(name, torch.zeros(0, dtype=torch.float64))
-        if len(cur) < t0 + tc:
-            cur = torch.cat([cur, torch.zeros(t0 + tc - len(cur), dtype=torch.float64)])
-        cur[t0 : t0 + tc] += c
-        self.counts[name] = cur
-        self._t[name] = t0 + tc
-
-
-class SpikeMonitor(StepCounts):
-    """Observer counting spikes per neuron layer and step (pass it as ``observer`` to ``simulate``).
-
-    Attributes:
-        counts: ``{name: [T] float64}`` spikes summed over batch and positions.
-        sizes: ``{name: neurons per sample}``.
-        samples: samples seen (per name).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: dict[str, int] = {}
-
-    def __call__(self, name: str, out: torch.Tensor) -> None:
-        self.sizes[name] = out[0, 0].numel()
-        self.add(name, out, out.shape[1])
-
-    def rates(self) -> dict[str, torch.Tensor]:
-        """``{name: [T]}`` firing rate per step."""
-        return {k: v / (self.samples[k] * self.sizes[k]) for k, v in self.counts.items()}
-
-    def mean_rates(self, T: int | None = None) -> dict[str, float]:
-        """Firing rate per layer averaged over steps 1..T (all steps by default)."""
-        return {k: float(r[:T].mean()) for k, r in self.rates().items()}
 
 
 def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -153,8 +96,6 @@ def evaluate_snn(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, T: int, 
         monitor: record firing rates and the input spike rates of conv/linear layers.
     """
     from contextlib import nullcontext
-
-    from dormant.snn.energy import monitor_synapses
 
     start = time.perf_counter()
     dev = snn.device

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dormant.llm.adapters import Tap, ffn_layout
+from dormant.llm.calibrate import CalibrationConfig, calibrate
 from dormant.llm.masks import collect_trace
 from dormant.llm.predictors import (
     ClusterConfig,
@@ -17,14 +18,13 @@ from dormant.llm.predictors import (
 )
 from dormant.llm.predictors.lowrank import lowrank_logits
 from dormant.llm.sparsify import sparsify_
-from dormant.llm.thresholds import calibrate
 from tests.llm.tiny import HIDDEN, INTER, LAYERS, VOCAB, tiny_model
 
 
 def _setup():
     model = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (2, 24))
-    thr = calibrate(model, ids, "intermediate", 0.5, progress=False)
+    thr = calibrate(model, ids, CalibrationConfig("intermediate", [0.5], progress=False))
     return model, ids, thr
 
 

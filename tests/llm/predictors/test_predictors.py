@@ -18,7 +18,7 @@ from dormant.llm.predictors import (
 )
 from dormant.llm.predictors.data import write_pairs
 
-W, T, L, D, I, CLASSES = 6, 64, 3, 8, 16, 4  # noqa: E741 (I = intermediate size, as in the docs)
+W, T, L, D, I, CLASSES = 8, 64, 3, 8, 16, 4  # noqa: E741 (I = intermediate size, as in the docs)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,12 @@ def store(tmp_path_factory):
     patterns = torch.rand(CLASSES, L, I, generator=g) < 0.5
     cls = torch.randint(0, CLASSES, (W, T), generator=g)
     x = proto[cls] + 0.05 * torch.randn(W, T, L, D, generator=g)
-    return write_pairs(tmp_path_factory.mktemp("pairs"), x, patterns[cls], heldout=2, model={"gated": True})
+    return write_pairs(tmp_path_factory.mktemp("pairs"), x, patterns[cls], select=2, heldout=2, model={"gated": True})
 
 
 def test_store_reads_back(store):
     again = PairStore.open(store.root)
-    assert again.n_tokens("train") == 4 * T and again.n_tokens("heldout") == 2 * T
+    assert again.n_tokens("train") == 4 * T and again.n_tokens("select") == again.n_tokens("heldout") == 2 * T
     assert again.inputs(1, "heldout").shape == (2 * T, D) and again.inputs(1).dtype == torch.float16
     assert again.masks(2, "train").shape == (4 * T, I)
     assert sum(len(x) for x, _ in again.iter_layer(0, "train")) == 4 * T
@@ -68,12 +68,14 @@ def fitted(store):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_memorises_deterministic_pattern(fitted, store, name):
+    """Recall 1.0 is the target on the selection split (tau is chosen there); on held-out windows, which chose
+    nothing, the class patterns must still be recovered almost exactly."""
     p = fitted[name]
+    assert evaluate_on_store(p, store, "select").overall()["recall"] == 1.0
     s = evaluate_on_store(p, store, "heldout")
-    o = s.overall()
-    assert o["recall"] == 1.0
+    assert s.overall()["recall"] >= 0.99, name
     for layer in p.predicted_layers():
-        assert s.layer(layer)["precision"] == 1.0, (name, layer)
+        assert s.layer(layer)["precision"] >= 0.99, (name, layer)
     expected = [1, 2] if name == "early_nearest" else [0, 1, 2]
     assert p.predicted_layers() == expected
 
@@ -118,6 +120,17 @@ def test_load_rejects_other_artifacts(tmp_path):
     path = save_artifact(tmp_path / "x.safetensors", "dormant.Predictor", 1, {"tau": torch.zeros(1)},
                          {"predictor": "nope", "config": {}, "dims": {}})
     with pytest.raises(ArtifactError, match="unknown predictor"):
+        load_predictor(path)
+
+
+def test_load_refuses_unknown_config_keys(fitted, tmp_path):
+    """A key this version does not know is refused, not dropped: dropping it would load another predictor."""
+    from dormant.artifacts import load_artifact, save_artifact
+
+    tensors, meta, _ = load_artifact(fitted["cluster"].save(tmp_path / "c.safetensors"), "dormant.Predictor", (1,))
+    meta["config"]["future_knob"] = 3
+    path = save_artifact(tmp_path / "c2.safetensors", "dormant.Predictor", 1, tensors, meta)
+    with pytest.raises(ArtifactError, match="future_knob"):
         load_predictor(path)
 
 

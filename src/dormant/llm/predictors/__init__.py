@@ -6,11 +6,10 @@ their weights are loaded. This package builds and scores three predictors behind
 style per-layer networks) and ``cluster`` (the authors' follow-up, arXiv 2507.14179).
 
 Flow: :func:`collect_pairs` -> :class:`PairStore` -> ``Predictor.for_store(store, config).fit(store)``
--> :meth:`Predictor.save` / :func:`load_predictor`; :func:`evaluate_on_store` (held-out metrics),
+-> :meth:`Predictor.save` / :func:`load_predictor`; :func:`evaluate_on_store` (metrics on a split),
 :func:`predicted_masks` (run the model with predicted masks), :func:`collect_predicted_trace`
-(aligned predicted/oracle :class:`~dormant.llm.masks.ActivationTrace` pair). The CLI runs and the
-demo live in :mod:`dormant.llm.predictors.pipeline` (``run_predictor_demo``); the perturbation study
-in :mod:`dormant.llm.predictors.predictability`.
+(aligned predicted/oracle :class:`~dormant.traces.ActivationTrace` pair). The perturbation study's verbs are in
+:mod:`dormant.llm.predictors.predictability`; the CLI runs and the demo in :mod:`dormant.experiments.predictors`.
 """
 
 from dormant.llm.predictors.apply import (

@@ -118,7 +118,7 @@ class PredictionRun:
         return pred, true
 
 
-def _model_meta(model: nn.Module, layout: FFNLayout, model_id: str | None) -> dict[str, Any]:
+def model_meta(model: nn.Module, layout: FFNLayout, model_id: str | None) -> dict[str, Any]:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {"id": model_id or getattr(model.config, "_name_or_path", None), "dtype": dtype, **layout.describe()}
 
@@ -190,5 +190,5 @@ def collect_predicted_trace(
     thr = active_thresholds(model)
     if thr is not None:
         src["thresholds"] = {"site": thr.site, "mean_target": float(thr.targets.mean()), "calibration": thr.calibration}
-    pred, true = run.traces(_model_meta(model, layout, model_id), src)
+    pred, true = run.traces(model_meta(model, layout, model_id), src)
     return pred, true, run.confusion

@@ -10,7 +10,7 @@ here, for each layer ``l`` it predicts:
   ``None`` means "not predicted": all neurons of ``l`` are treated as active (fetched);
 * turns it once into ``features`` (shared by every layer reading the same source), then into
   per-neuron ``scores`` ``[N, I]`` (higher = more likely active);
-* predicts ``scores >= tau[l]``, with ``tau`` chosen on held-out data to meet a recall target
+* predicts ``scores >= tau[l]``, with ``tau`` chosen on the store's selection split to meet a recall target
   (:func:`choose_tau`), OR'ed with an optional static **guard** set (:func:`guard_neurons`): the few
   neurons per layer with the largest gate-row x up-row norms, which fire rarely but then carry
   "massive activations" (e.g. on the first token of a sequence); a predictor that averages patterns
@@ -126,7 +126,7 @@ def choose_tau(pos_scores: torch.Tensor, recall: float) -> float:
     """The largest decision threshold whose recall on ``pos_scores`` reaches ``recall``.
 
     Args:
-        pos_scores: ``[P]`` scores of the truly active (positive) entries of held-out data.
+        pos_scores: ``[P]`` scores of the truly active (positive) entries of selection data.
         recall: target fraction of positives with ``score >= tau``.
 
     Returns:
@@ -164,7 +164,7 @@ def guard_neurons(layout, k: int) -> torch.Tensor:
 def operating_point(
     scores: torch.Tensor, true: torch.Tensor, recall: float, density_ratio: float | None = None
 ) -> dict[str, float]:
-    """Decision threshold for held-out ``scores`` ``[N, I]`` against ``true`` masks, and its quality.
+    """Decision threshold for selection-split ``scores`` ``[N, I]`` against ``true`` masks, and its quality.
 
     With ``density_ratio`` unset, ``tau`` is the largest threshold meeting ``recall`` (:func:`choose_tau`);
     with it set, ``tau`` makes the predicted density ``density_ratio`` times the true density (a
@@ -253,7 +253,8 @@ class Predictor(ABC):
     # -- training ---------------------------------------------------------------------------------
     @abstractmethod
     def fit(self, store, progress: bool = True, layers: list[int] | None = None) -> dict[str, Any]:
-        """Train on ``store``'s ``train`` split; choose ``tau`` (and stop early) on its ``heldout`` split.
+        """Train on ``store``'s ``train`` split; choose ``tau`` (and stop early) on its ``select`` split
+        (never on ``heldout``, which is kept for reporting).
 
         Args:
             layers: train only these layers (the others keep their state); per-layer predictors use it
@@ -264,7 +265,7 @@ class Predictor(ABC):
 
     @torch.no_grad()
     def choose_taus(
-        self, store, recall: float, density_ratio: float | None = None, split: str = "heldout",
+        self, store, recall: float, density_ratio: float | None = None, split: str = "select",
         layers: list[int] | None = None, progress: bool = False,
     ) -> None:
         """Set ``tau[l]`` of each predicted layer on ``split`` of ``store`` (see :func:`operating_point`)."""
@@ -354,7 +355,11 @@ def load_predictor(path: str | Path) -> Predictor:
     cls = PREDICTORS[name]
     try:
         fields = {f.name for f in dataclasses.fields(cls.Config)}
-        config = cls.Config(**{k: v for k, v in meta["config"].items() if k in fields})
+        unknown = sorted(set(meta["config"]) - fields)
+        if unknown:
+            raise ArtifactError(f"{path}: {name} predictor config has keys this version does not know: {unknown} "
+                                f"(known: {sorted(fields)}); it was saved by another version of dormant")
+        config = cls.Config(**meta["config"])
         p = cls(config, **meta["dims"])
         p.tau = tensors.pop("tau").float()
         guard = tensors.pop("guard", None)

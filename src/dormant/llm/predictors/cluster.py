@@ -13,9 +13,9 @@ individual neurons. Here, per layer ``l``:
    ``j*(x) = argmax_j (x W + w0)_j`` (``W`` ``[D, k]``), trained with cross-entropy on the k-means
    labels (AdamW, standardised inputs folded into ``W`` afterwards).
 3. **Predict** the centroid: score ``s_i = C[j*, i]`` and mask ``s >= tau``, with ``tau`` chosen on
-   held-out data for the recall target. Deployed, the centroids are ``k`` bit masks (``C >= tau``).
+   selection data for the recall target. Deployed, the centroids are ``k`` bit masks (``C >= tau``).
 
-The fit record also reports the held-out scores under *oracle* assignment (nearest centroid to the
+The fit record also reports the selection-split scores under *oracle* assignment (nearest centroid to the
 true mask), the quantity the follow-up calls clustering precision.
 """
 
@@ -48,7 +48,7 @@ class ClusterConfig:
     k: int = field(64, help="number of centroids per layer (k = 1: a static hot-neuron mask)")
     kmeans_iters: int = field(15, help="Lloyd iterations")
     kmeans_tokens: int = field(8192, help="training tokens clustered (all training tokens are then labelled)")
-    recall: float = field(0.99, help="held-out recall target that sets tau")
+    recall: float = field(0.99, help="recall target on the selection split that sets tau")
     density_ratio: float | None = field(None, help="instead of a recall target: predicted density budget as a "
                                         "multiple of the true density")
     epochs: int = field(6, help="classifier training epochs")
@@ -145,15 +145,15 @@ class ClusterPredictor(Predictor):
         w_fold = (w.detach() / sigma[:, None]).contiguous()
         params = {"W": w_fold, "w0": w0.detach() - mu @ w_fold, "C": c}
         self.params[layer] = params
-        xh, yh = store.inputs(layer, "heldout").float(), store.masks(layer, "heldout")
+        xh, yh = store.inputs(layer, "select").float(), store.masks(layer, "select")
         with torch.no_grad():
             s = self.scores(layer, xh)
             tau = operating_point(s, yh, cfg.recall, cfg.density_ratio)["tau"]
             oracle = mask_metrics(c[_nearest(yh, c)] >= tau, yh)
             train_acc = float(((x @ params["W"] + params["w0"]).argmax(1) == labels).float().mean())
-            heldout_acc = float((self.assign(layer, xh) == _nearest(yh, c)).float().mean())
-        rec = {"k": k, "train_assign_acc": train_acc, "heldout_assign_acc": heldout_acc,
-               "heldout_density": float((s >= tau).float().mean()), "heldout_true_density": float(yh.float().mean()),
+            select_acc = float((self.assign(layer, xh) == _nearest(yh, c)).float().mean())
+        rec = {"k": k, "train_assign_acc": train_acc, "select_assign_acc": select_acc,
+               "select_density": float((s >= tau).float().mean()), "select_true_density": float(yh.float().mean()),
                "oracle_assignment": {m: oracle[m] for m in ("recall", "precision", "pred_density")},
                "seconds": time.perf_counter() - t0}
         return params, tau, rec

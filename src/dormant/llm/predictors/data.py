@@ -3,7 +3,7 @@
 One forward pass of the (thresholded) model over calibration text records, for every layer ``l``
 and token ``t``, the FFN input ``x[t, l]`` (tap ``FFN_IN``, after the pre-FFN norm; stored float16)
 and the active-neuron mask ``m[t, l, i] = MID[t, l, i] != 0`` (bit-packed, 8 neurons per byte, the
-layout of :func:`dormant.llm.masks.pack_masks`). This is the training signal of Deja Vu (Liu et al.,
+layout of :func:`dormant.traces.pack_masks`). This is the training signal of Deja Vu (Liu et al.,
 ICML 2023, ``sparse_predictor``: per-layer MLP input -> ReLU > 0 labels) transposed to thresholded
 SwiGLU FFNs, where "active" means ``|act(gate) * up| >= T`` (Dhar et al., arXiv 2412.12178, Eq. 7).
 
@@ -11,8 +11,11 @@ On disk a :class:`PairStore` is a folder: ``pairs.json`` (kind, version, model, 
 and one ``shard_NNNNN.safetensors`` per window with tensors ``x.{l}`` float16 ``[T, D]``, ``m.{l}``
 uint8 ``[T, ceil(I / 8)]`` and ``ids`` int32 ``[T]``. Shards are written as soon as their window is
 done (atomically), so an interrupted collection resumes; readers load one layer's tensors at a time
-(``safetensors`` reads single tensors), so a big model's data never needs to fit in memory. The last
-``heldout`` windows form the held-out split (early stopping, decision thresholds, model selection).
+(``safetensors`` reads single tensors), so a big model's data never needs to fit in memory.
+
+Windows are split in text order into ``train`` | ``select`` | ``heldout``: predictors train on ``train``, choose
+their decision thresholds, stop early and are compared on ``select``, and ``heldout`` is never used to choose
+anything -- the scores a fit reports as held-out come from it.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dormant.artifacts import ArtifactError, atomic_write_text, save_artifact
+from dormant.artifacts import ArtifactError, atomic_write_text, config_key, save_artifact
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
 from dormant.traces import pack_masks, unpack_masks
 
 __all__ = ["PairStore", "collect_pairs", "write_pairs", "SPLITS"]
 
-SPLITS = ("train", "heldout", "all")
+SPLITS = ("train", "select", "heldout", "all")
 _SHARD_KIND = "dormant.PairShard"
 
 
@@ -45,8 +48,9 @@ class PairStore:
     Attributes:
         root: the folder.
         meta: ``pairs.json``: ``model`` (:meth:`FFNLayout.describe` + id), ``thresholds`` (summary or
-            ``None`` for a dense model), ``text`` (windows description), ``heldout`` (number of
-            held-out windows, the last ones), ``shards`` (file names in text order), ``tokens`` per shard.
+            ``None`` for a dense model), ``text`` (windows description), ``select`` and ``heldout`` (numbers
+            of selection and held-out windows, the last ones, in that order), ``shards`` (file names in text
+            order), ``tokens`` per shard.
     """
 
     root: Path
@@ -68,16 +72,20 @@ class PairStore:
         return int(self.meta["model"]["intermediate_size"])
 
     def shards(self, split: str = "all") -> list[Path]:
-        """Shard files of ``split`` (``train``: all but the last ``heldout``; ``heldout``: those; ``all``)."""
+        """Shard files of ``split`` (``train`` | ``select`` | ``heldout`` in text order, or ``all``)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
         names = self.meta["shards"]
-        h = int(self.meta["heldout"])
-        if split == "train":
-            names = names[: len(names) - h]
-        elif split == "heldout":
-            names = names[len(names) - h :]
-        return [self.root / n for n in names]
+        s, h = self.n_windows("select"), self.n_windows("heldout")
+        bounds = {"train": (0, len(names) - s - h), "select": (len(names) - s - h, len(names) - h),
+                  "heldout": (len(names) - h, len(names)), "all": (0, len(names))}[split]
+        return [self.root / n for n in names[bounds[0] : bounds[1]]]
+
+    def n_windows(self, split: str) -> int:
+        """Windows of ``select`` or ``heldout`` (stores from before the selection split count theirs as ``select``)."""
+        if "select" not in self.meta:
+            return int(self.meta["heldout"]) if split == "select" else 0
+        return int(self.meta[split])
 
     def n_tokens(self, split: str = "all") -> int:
         tokens = dict(zip(self.meta["shards"], self.meta["tokens"]))
@@ -141,10 +149,7 @@ class PairStore:
 
 
 def _key(meta: dict[str, Any]) -> str:
-    import hashlib
-
-    d = {k: meta[k] for k in ("model", "thresholds", "text")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return config_key({k: meta[k] for k in ("model", "thresholds", "text")}, digits=16)
 
 
 @torch.inference_mode()
@@ -152,6 +157,7 @@ def collect_pairs(
     model: nn.Module,
     windows: torch.Tensor,
     root: str | Path,
+    select: int,
     heldout: int,
     model_id: str | None = None,
     text: dict[str, Any] | None = None,
@@ -165,9 +171,10 @@ def collect_pairs(
 
     Args:
         model: a Hugging Face causal LM (dense or sparsified).
-        windows: ``[n, seqlen]`` token ids; the last ``heldout`` windows form the held-out split.
+        windows: ``[n, seqlen]`` token ids; split in order into train | select | heldout.
         root: output folder.
-        heldout: number of held-out windows (``0 <= heldout < n``).
+        select: windows for decision thresholds, early stopping and model selection.
+        heldout: windows never used to choose anything (``select + heldout < n``).
         model_id: recorded in the metadata.
         text: description of the text (e.g. :meth:`dormant.llm.text.Windows.describe`).
     """
@@ -175,8 +182,9 @@ def collect_pairs(
 
     from dormant.llm.sparsify import active_thresholds
 
-    if windows.ndim != 2 or not 0 <= heldout < len(windows):
-        raise ValueError(f"need [n, seqlen] windows and 0 <= heldout < n; got {tuple(windows.shape)}, {heldout}")
+    if windows.ndim != 2 or min(select, heldout) < 0 or select + heldout >= len(windows):
+        raise ValueError(f"need [n, seqlen] windows and select + heldout < n; got {tuple(windows.shape)}, "
+                         f"select={select}, heldout={heldout}")
     root = Path(root)
     layout = ffn_layout(model)
     thr = active_thresholds(model)
@@ -188,8 +196,9 @@ def collect_pairs(
         "thresholds": None if thr is None else {"site": thr.site, "taps": [t.value for t in thr.taps],
                                                  "mean_target": float(thr.targets.mean()),
                                                  "calibration": thr.calibration,
-                                                 "values_sha": _tensor_sha(thr.values)},
+                                                 "values_sha": tensor_sha(thr.values)},
         "text": {**(text or {}), "windows": len(windows), "seqlen": int(windows.shape[1])},
+        "select": select,
         "heldout": heldout,
     }
     key = _key(meta)
@@ -234,14 +243,14 @@ def _write_shard(path: Path, key: str, window: int, ids: torch.Tensor, xs: list[
     save_artifact(path, _SHARD_KIND, 1, tensors, {"key": key, "window": window})
 
 
-def write_pairs(root: str | Path, inputs: torch.Tensor, masks: torch.Tensor, heldout: int,
+def write_pairs(root: str | Path, inputs: torch.Tensor, masks: torch.Tensor, select: int, heldout: int,
                 model: dict[str, Any] | None = None) -> PairStore:
     """A :class:`PairStore` from in-memory pairs (synthetic data, tests, imports from other tools).
 
     Args:
         inputs: float ``[W, T, L, D]`` FFN inputs of ``W`` windows of ``T`` tokens.
         masks: bool ``[W, T, L, I]`` active masks.
-        heldout: the last ``heldout`` windows form the held-out split.
+        select, heldout: the last ``select + heldout`` windows form the selection and held-out splits.
         model: model description (``n_layers``, ``hidden_size``, ``intermediate_size`` are filled in).
     """
     root = Path(root)
@@ -249,7 +258,8 @@ def write_pairs(root: str | Path, inputs: torch.Tensor, masks: torch.Tensor, hel
     meta: dict[str, Any] = {
         "kind": PairStore.KIND, "version": PairStore.VERSION,
         "model": {**(model or {}), "n_layers": n_layers, "hidden_size": d, "intermediate_size": masks.shape[-1]},
-        "thresholds": None, "text": {"windows": w, "seqlen": t, "source": "in-memory"}, "heldout": heldout,
+        "thresholds": None, "text": {"windows": w, "seqlen": t, "source": "in-memory"}, "select": select,
+        "heldout": heldout,
     }
     meta["key"] = key = _key(meta)
     names = []
@@ -276,7 +286,7 @@ def _shard_ok(path: Path, key: str) -> bool:
         return False
 
 
-def _tensor_sha(t: torch.Tensor) -> str:
+def tensor_sha(t: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

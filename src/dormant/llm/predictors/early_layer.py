@@ -14,7 +14,7 @@ idea, with source layer ``s`` (default 1):
     all layers ``l > s``. A new token's layer-``s`` pattern (observed after layer ``s`` ran) selects
     its ``K`` nearest bank tokens by Hamming distance; the score of neuron ``i`` of layer ``l`` is the
     fraction of those neighbours in which it is active, and ``score >= tau`` is predicted (``tau``
-    on held-out data, the smallest is the union of the ``K`` patterns). Layers ``l <= s`` are not
+    on selection data, the smallest is the union of the ``K`` patterns). Layers ``l <= s`` are not
     predicted (fetched densely).
 """
 
@@ -46,7 +46,7 @@ __all__ = ["EarlyLayerConfig", "EarlyLayerPredictor"]
 class EarlyLayerConfig:
     mode: Literal["linear", "nearest"] = field("linear", help="linear map from the source FFN input, or nearest stored pattern")
     source_layer: int = field(1, help="the early layer whose input (linear) or pattern (nearest) is read")
-    recall: float = field(0.99, help="held-out recall target that sets tau")
+    recall: float = field(0.99, help="recall target on the selection split that sets tau")
     density_ratio: float | None = field(None, help="instead of a recall target: predicted density budget as a "
                                         "multiple of the true density")
     # linear mode (same meaning as in LowRankConfig)
@@ -139,10 +139,10 @@ class EarlyLayerPredictor(Predictor):
             for layer in tqdm(todo, desc=f"fit {self.name}", unit="layer", disable=not progress):
                 s = min(layer, self.s)
                 if s not in srcs:
-                    srcs = {s: (store.inputs(s, "train").float(), store.inputs(s, "heldout").float())}
+                    srcs = {s: (store.inputs(s, "train").float(), store.inputs(s, "select").float())}
                 x, xh = srcs[s]
                 params, tau, rec = train_lowrank_layer(
-                    x, store.masks(layer, "train"), xh, store.masks(layer, "heldout"), cfg.lowrank())
+                    x, store.masks(layer, "train"), xh, store.masks(layer, "select"), cfg.lowrank())
                 self.params[layer], self.tau[layer] = params, tau
                 records[str(layer)] = {k: v for k, v in rec.items() if k != "history"}
             return self.info["fit"]

@@ -2,7 +2,7 @@
 
 Deja Vu (Liu et al., ICML 2023; ``sparse_predictor/main_mlp.py``) predicts the active ReLU neurons
 of each OPT layer from that layer's MLP input with a two-layer low-rank network ``D -> r -> I``,
-trained with class-weighted binary cross-entropy and stopped once held-out recall passes 0.99;
+trained with class-weighted binary cross-entropy and stopped once selection-split recall passes 0.99;
 ShadowLLM (Akhauri et al., EMNLP 2024) and LLM-in-a-flash (Alizadeh et al., ACL 2024) use the same
 shape. Here, for layer ``l`` with FFN input ``x`` ``[N, D]`` (the tap ``FFN_IN``)::
 
@@ -12,8 +12,8 @@ shape. Here, for layer ``l`` with FFN input ``x`` ``[N, D]`` (the tap ``FFN_IN``
     loss = BCE(logits, m; pos_weight = w * (1 - p) / p)   p = true density of the layer
 
 ``m`` is the active mask ``MID != 0`` under the thresholds the pairs were collected with. Training
-(AdamW, minibatches) is scored after every epoch on the held-out windows by the **predicted density
-at which held-out recall reaches the target** (``tau`` from :func:`~dormant.llm.predictors.base.choose_tau`);
+(AdamW, minibatches) is scored after every epoch on the selection windows by the **predicted density
+at which selection recall reaches the target** (``tau`` from :func:`~dormant.llm.predictors.base.choose_tau`);
 the best epoch is kept and training stops after ``patience`` epochs without improvement. The
 standardisation is folded into ``A`` and ``c`` after training. The shared trainer
 :func:`train_lowrank_layer` also serves the ``linear`` mode of
@@ -47,11 +47,11 @@ __all__ = ["LowRankConfig", "LowRankPredictor", "train_lowrank_layer", "lowrank_
 class LowRankConfig:
     rank: int = field(64, help="hidden width r of the D -> r -> I predictor network")
     hidden_act: Literal["none", "relu"] = field("none", help="nonlinearity between the two low-rank factors")
-    recall: float = field(0.99, help="held-out recall target: sets tau and the early-stopping score")
+    recall: float = field(0.99, help="recall target on the selection split: sets tau and the early-stopping score")
     density_ratio: float | None = field(None, help="instead of a recall target: predicted density budget as a "
                                         "multiple of the true density (tau and early stopping then maximise recall)")
     epochs: int = field(4, help="maximum training epochs per layer (one-cycle learning-rate schedule)")
-    patience: int = field(2, help="stop after this many epochs without held-out improvement")
+    patience: int = field(2, help="stop after this many epochs without improvement on the selection split")
     batch_size: int = field(1024, help="training tokens per step")
     lr: float = field(3e-3, help="AdamW peak learning rate")
     weight_decay: float = field(0.01, help="AdamW weight decay")
@@ -84,7 +84,7 @@ def train_lowrank_layer(
 
     Args:
         x, y: training inputs float ``[N, D]`` and active masks bool ``[N, I]``.
-        xh, yh: held-out inputs and masks (early stopping and ``tau``).
+        xh, yh: selection-split inputs and masks (early stopping and ``tau``).
         cfg: hyperparameters.
     """
     g = torch.Generator().manual_seed(cfg.seed)
@@ -120,8 +120,8 @@ def train_lowrank_layer(
             total += float(loss.detach()) * len(idx)
         with torch.no_grad():
             op = operating_point(lowrank_logits(zh, p, cfg.hidden_act), yh, cfg.recall, cfg.density_ratio)
-        history.append({"epoch": epoch, "loss": total / len(z), "heldout_density": op["density"],
-                        "heldout_recall": op["recall"]})
+        history.append({"epoch": epoch, "loss": total / len(z), "select_density": op["density"],
+                        "select_recall": op["recall"]})
         if op["loss"] < best - 1e-5:
             best, best_epoch = op["loss"], epoch
             best_state = {k: v.detach().clone() for k, v in p.items()}
@@ -134,9 +134,9 @@ def train_lowrank_layer(
     with torch.no_grad():
         op = operating_point(lowrank_logits(xh, params, cfg.hidden_act), yh, cfg.recall, cfg.density_ratio)
     tau = op["tau"]
-    record = {"best_epoch": best_epoch, "epochs_run": len(history), "heldout_density": op["density"],
-              "heldout_recall": op["recall"],
-              "heldout_true_density": float(yh.float().mean()), "seconds": time.perf_counter() - t0,
+    record = {"best_epoch": best_epoch, "epochs_run": len(history), "select_density": op["density"],
+              "select_recall": op["recall"],
+              "select_true_density": float(yh.float().mean()), "seconds": time.perf_counter() - t0,
               "history": history}
     return {k: v.contiguous() for k, v in params.items()}, tau, record
 
@@ -168,7 +168,7 @@ class LowRankPredictor(Predictor):
         for layer in tqdm(todo, desc=f"fit {self.name}", unit="layer", disable=not progress):
             params, tau, rec = train_lowrank_layer(
                 store.inputs(layer, "train").float(), store.masks(layer, "train"),
-                store.inputs(layer, "heldout").float(), store.masks(layer, "heldout"), self.config,
+                store.inputs(layer, "select").float(), store.masks(layer, "select"), self.config,
             )
             self.params[layer], self.tau[layer] = params, tau
             records[str(layer)] = {k: v for k, v in rec.items() if k != "history"}

@@ -11,13 +11,17 @@ import json
 from pathlib import Path
 
 from dormant.config import add_config_args, config_from_args
+from dormant.experiments.predictors import (
+    FitRunConfig,
+    PairsConfig,
+    PredictabilityConfig,
+    PredictorEvalConfig,
+)
 from dormant.llm.models import ModelConfig
 from dormant.llm.predictors.cluster import ClusterConfig
 from dormant.llm.predictors.early_layer import EarlyLayerConfig
 from dormant.llm.predictors.lowrank import LowRankConfig
-from dormant.llm.predictors.pipeline import FitRunConfig, PairsConfig, PredictorEvalConfig
-from dormant.llm.predictors.predictability import PredictabilityConfig
-from dormant.llm.sweep import EvalConfig
+from dormant.llm.text import EvalConfig
 
 KIND_CONFIGS = {"lowrank": ("lowrank-", LowRankConfig), "early_layer": ("early-layer-", EarlyLayerConfig),
                 "cluster": ("cluster-", ClusterConfig)}
@@ -47,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fit(ns: argparse.Namespace) -> int:
-    from dormant.llm.predictors.pipeline import fit_predictor
+    from dormant.experiments.predictors import fit_predictor
 
     run = config_from_args(FitRunConfig, ns)
     prefix, cls = KIND_CONFIGS[run.kind]
@@ -59,7 +63,7 @@ def _fit(ns: argparse.Namespace) -> int:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from dormant.llm.predictors.pipeline import evaluate_predictors
+    from dormant.experiments.predictors import evaluate_predictors
 
     cfg = config_from_args(PredictorEvalConfig, ns)
     evaluate_predictors(config_from_args(ModelConfig, ns), config_from_args(EvalConfig, ns), cfg)
@@ -68,7 +72,7 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _predictability(ns: argparse.Namespace) -> int:
-    from dormant.llm.predictors.pipeline import run_predictability_study
+    from dormant.experiments.predictors import run_predictability_study
 
     cfg = config_from_args(PredictabilityConfig, ns)
     report = run_predictability_study(config_from_args(ModelConfig, ns), config_from_args(EvalConfig, ns),

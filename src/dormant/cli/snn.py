@@ -8,14 +8,9 @@ import argparse
 from dataclasses import dataclass
 
 from dormant.config import add_config_args, config_from_args, field
-from dormant.snn.configs import (
-    ConvertConfig,
-    CorrectionConfig,
-    EnergyConfig,
-    FTBCConfig,
-    QCFSTrainConfig,
-    RunConfig,
-)
+from dormant.experiments.qcfs import QCFSTrainConfig
+from dormant.experiments.snn import RunConfig
+from dormant.snn.configs import ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig
 
 
 @dataclass
@@ -80,11 +75,11 @@ def _corr(ns: argparse.Namespace) -> CorrectionConfig:
 def _convert(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dormant.snn.experiment import run_sweep
+    from dormant.experiments.snn import run_snn_sweep
 
     cc = config_from_args(ConvertCommandConfig, ns)
     run, conv, ftbc = _configs(ns)
-    run_sweep(run, conv, ftbc, T=[cc.T], methods=[cc.calibrate], save_network=True, corr=_corr(ns))
+    run_snn_sweep(run, conv, ftbc, T=[cc.T], methods=[cc.calibrate], save_network=True, corr=_corr(ns))
     print(f"report: {Path(run.out) / 'report.md'}\nnetwork: {Path(run.out) / f'snn_{cc.calibrate}_T{cc.T}.safetensors'}")
     return 0
 
@@ -92,17 +87,17 @@ def _convert(ns: argparse.Namespace) -> int:
 def _sweep(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dormant.snn.experiment import run_sweep
+    from dormant.experiments.snn import run_snn_sweep
 
     sc = config_from_args(SweepCommandConfig, ns)
     run, conv, ftbc = _configs(ns)
-    run_sweep(run, conv, ftbc, T=sc.T, methods=sc.methods, corr=_corr(ns))
+    run_snn_sweep(run, conv, ftbc, T=sc.T, methods=sc.methods, corr=_corr(ns))
     print(f"report: {Path(run.out) / 'report.md'}")
     return 0
 
 
 def _report(ns: argparse.Namespace) -> int:
-    from dormant.snn.report import run_report
+    from dormant.experiments.snn_report import run_report
 
     rc = config_from_args(ReportCommandConfig, ns)
     run, conv, ftbc = _configs(ns)
@@ -113,7 +108,7 @@ def _report(ns: argparse.Namespace) -> int:
 
 
 def _train_qcfs(ns: argparse.Namespace) -> int:
-    from dormant.snn.qcfs import train_qcfs
+    from dormant.experiments.qcfs import train_qcfs
 
     path = train_qcfs(config_from_args(QCFSTrainConfig, ns))
     print(f"QCFS model: {path}")

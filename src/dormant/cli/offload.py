@@ -1,4 +1,5 @@
-"""``dormant trace | simulate | profiles | storage-check``: flags map 1:1 onto the config dataclasses of :mod:`dormant.offload`."""
+"""``dormant trace | simulate | profiles | storage-check``: flags map 1:1 onto the config dataclasses of
+:mod:`dormant.offload` and :mod:`dormant.experiments.offload`."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ import json
 from pathlib import Path
 
 from dormant.config import add_config_args, config_from_args
+from dormant.experiments.offload import SimulateConfig, StorageCheckConfig, TraceConfig
 from dormant.llm.models import ModelConfig
-from dormant.llm.sweep import EvalConfig
+from dormant.llm.text import EvalConfig
 from dormant.offload.layout import StorageLayout
-from dormant.offload.storage import StorageCheckConfig
-from dormant.offload.sweep import SimulateConfig
-from dormant.offload.traces import TraceConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _trace(ns: argparse.Namespace) -> int:
-    from dormant.offload.traces import record_trace
+    from dormant.experiments.offload import record_trace
 
     mc, ec, tc = (config_from_args(c, ns) for c in (ModelConfig, EvalConfig, TraceConfig))
     trace = record_trace(mc, ec, tc)
@@ -46,7 +45,7 @@ def _trace(ns: argparse.Namespace) -> int:
 
 
 def _simulate(ns: argparse.Namespace) -> int:
-    from dormant.offload.sweep import run_simulation
+    from dormant.experiments.offload import run_simulation
 
     cfg, layout = config_from_args(SimulateConfig, ns), config_from_args(StorageLayout, ns)
     run_simulation(cfg, layout)
@@ -70,7 +69,7 @@ def _profiles(ns: argparse.Namespace) -> int:
 
 
 def _storage_check(ns: argparse.Namespace) -> int:
-    from dormant.offload.storage import storage_check
+    from dormant.experiments.offload import storage_check
 
     report = storage_check(config_from_args(StorageCheckConfig, ns))
     print(f"report: {report}")

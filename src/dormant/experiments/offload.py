@@ -1,4 +1,6 @@
-"""``dormant simulate``: every policy at every DRAM budget on every device profile, with a report.
+"""``dormant trace | simulate | storage-check`` and the offload demo: record traces, simulate, check storage.
+
+**Simulation** (``dormant simulate``): every policy at every DRAM budget on every device profile, with a report.
 
 The trace is split once: tokens ``[0, split)`` profile hot neurons (PowerInfer-style pinning), the
 rest is simulated for every policy, so no policy is scored on the tokens it was tuned on. Each
@@ -6,12 +8,14 @@ rest is simulated for every policy, so no policy is scored on the tokens it was 
 profile (:func:`~dormant.offload.simulator.estimate_time`). Outputs in ``out``: ``results.json``
 (records, configuration, profiles with sources, provenance), ``results.csv`` (one row per policy,
 budget and profile), ``report.md``, ``bytes.png`` and ``time.png``.
+
+**Traces** (``dormant trace``): an oracle trace from a real text pass of a (thresholded) model, with the resident
+parameter counts the cost model needs. **Storage check** (``dormant storage-check``): real reads on this disk vs
+the storage model (:mod:`dormant.offload.storage`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -20,17 +24,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dormant.config import field
 from dormant.offload.layout import ItemLayout, StorageLayout
 from dormant.offload.policies import parse_policy
 from dormant.offload.profiles import DeviceProfile, load_profile
 from dormant.offload.simulator import estimate_time, simulate
-from dormant.offload.traces import FFNGeometry, perturb_trace, weight_format
+from dormant.offload.storage import ALIGN, DirectReader, fit_profile, replay, write_weight_file
+from dormant.offload.traces import FFNGeometry, iter_masks, perturb_trace, synthetic_trace, weight_format
+from dormant.report import csv_text
 from dormant.traces import ActivationTrace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SimulateConfig", "run_simulation", "write_report", "run_offload_demo"]
+__all__ = ["SimulateConfig", "run_simulation", "write_report", "TraceConfig", "record_trace", "StorageCheckConfig",
+           "storage_check", "run_offload_demo"]
 
 DEFAULT_POLICIES = ["dense", "demand", "window", "hot", "lru", "lfu", "prefetch-oracle"]
 
@@ -167,15 +176,6 @@ def run_simulation(cfg: SimulateConfig, layout: StorageLayout | None = None,
     return records
 
 
-def _csv(records: list[dict[str, Any]]) -> str:
-    keys = list(records[0]) if records else []
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, keys)
-    w.writeheader()
-    w.writerows(records)
-    return buf.getvalue()
-
-
 def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any],
                  profiles: list[DeviceProfile]) -> Path:
     """``results.json``, ``results.csv``, ``bytes.png``, ``time.png`` and ``report.md`` in ``out``."""
@@ -183,7 +183,7 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any],
     from dormant.report import markdown_table, new_figure, save_figure, write_markdown
 
     atomic_write_text(out / "results.json", json.dumps({"meta": meta, "records": records}, indent=1, default=str))
-    atomic_write_text(out / "results.csv", _csv(records))
+    atomic_write_text(out / "results.csv", csv_text(records))
     policies = list(dict.fromkeys(r["policy"] for r in records))
     budgets = sorted(set(r["budget"] for r in records))
     pnames = [p.name for p in profiles]
@@ -268,38 +268,170 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any],
     return write_markdown(out / "report.md", "\n".join(lines))
 
 
+@dataclass
+class TraceConfig:
+    thresholds: str | None = field(None, help="Thresholds artifact to apply before recording (dense if unset)")
+    max_tokens: int = field(4096, help="tokens to record (from the start of the evaluation text)")
+    out: str = field("runs/offload/trace.safetensors", help="where to write the ActivationTrace")
+
+
+def record_trace(model_cfg, eval_cfg, cfg: TraceConfig, progress: bool = True) -> ActivationTrace:
+    """Record an oracle trace: a real text pass of a (thresholded) model, with its FFN geometry and dtype.
+
+    Args:
+        model_cfg: :class:`dormant.llm.models.ModelConfig`.
+        eval_cfg: :class:`dormant.llm.text.EvalConfig` -- the text and window length.
+        cfg: what to record and where to save it.
+
+    Returns:
+        The trace (also saved to ``cfg.out``); ``source`` holds the text, thresholds and resident
+        parameter counts (``params``).
+    """
+    from dormant.llm.masks import collect_trace, resident_params
+    from dormant.llm.models import load_model
+    from dormant.llm.sparsify import sparsified
+    from dormant.llm.text import load_eval_windows
+    from dormant.llm.thresholds import Thresholds
+
+    thr = Thresholds.load(cfg.thresholds) if cfg.thresholds else None
+    model, tok, info = load_model(model_cfg)
+    ev = load_eval_windows(tok, eval_cfg)
+    src: dict[str, Any] = {"text": ev.describe(), "thresholds_path": cfg.thresholds, "params": resident_params(model)}
+    with sparsified(model, thr, info["id"]):
+        trace = collect_trace(model, ev.ids, model_id=info["id"], source=src, max_tokens=cfg.max_tokens,
+                              progress=progress)
+    trace.save(cfg.out)
+    return trace
+
+
+@dataclass
+class StorageCheckConfig:
+    path: str = field("runs/offload/storage-check.bin", help="weight file to write and read (put it on the disk "
+                                                             "to test)")
+    trace: str | None = field(None, help="oracle trace whose demand loads are replayed (default: synthetic, "
+                                         "SmolLM2-135M geometry, density 0.5)")
+    batches: int = field(60, help="(token, layer) batches replayed per setting")
+    chunks: list[int] = field(default_factory=lambda: [1, 8], help="chunk sizes (neurons) to replay")
+    queue_depths: list[int] = field(default_factory=lambda: [1, 8], help="queue depths to replay")
+    weight_format: str = field("fp16", help="stored weight format")
+    fit_reads: int = field(1500, help="4 KiB random reads per IOPS microbenchmark")
+    seed: int = field(0, help="seed for batch and offset choice")
+    keep_file: bool = field(False, help="keep the weight file afterwards")
+    out: str = field("runs/offload/storage-check", help="output folder (report.md, results.json, "
+                                                        "this-machine.yaml, check.png)")
+
+
+
+def storage_check(cfg: StorageCheckConfig) -> Path:
+    """Fit this machine's profile, replay trace batches with real reads, write the comparison; returns report path."""
+    from dormant.artifacts import atomic_write_text
+    from dormant.report import markdown_table, new_figure, provenance, save_figure, write_markdown
+    from dormant.traces import ActivationTrace
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.trace:
+        trace = ActivationTrace.load(cfg.trace)
+    else:
+        trace = synthetic_trace(64, 30, 1536, density=0.5, hidden_size=576, seed=cfg.seed)
+    fmt = weight_format(cfg.weight_format, trace)
+    geometry = FFNGeometry.from_trace(trace)
+    base = ItemLayout(geometry, fmt, StorageLayout(align=ALIGN))
+    file_size = base.layer_bytes * geometry.n_layers
+    path = Path(cfg.path)
+    t0 = time.perf_counter()
+    write_weight_file(path, file_size)
+    t_write = time.perf_counter() - t0
+    try:
+        profile, raw = fit_profile(path, file_size, max(cfg.queue_depths), cfg.fit_reads, cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        masks = np.concatenate([m for _, m in iter_masks(trace, 0, min(trace.n_tokens, 512))])
+        picks = [(int(rng.integers(masks.shape[1])), masks[int(rng.integers(len(masks)))])
+                 for _ in range(cfg.batches)]
+        batches = [(layer, m[layer]) for layer, m in picks]
+        results = []
+        for chunk in cfg.chunks:
+            items = ItemLayout(geometry, fmt, StorageLayout(chunk=chunk, align=ALIGN))
+            max_req = max(s for layer, m in batches for _, s in items.request_list(layer, items.items(m)) or [(0, 0)])
+            for qd in cfg.queue_depths:
+                reader = DirectReader(path, max_req, qd)
+                try:
+                    results.append(replay(reader, items, batches, profile))
+                finally:
+                    reader.close()
+    finally:
+        if not cfg.keep_file:
+            path.unlink(missing_ok=True)
+
+    atomic_write_text(out / "this-machine.yaml", profile.to_yaml())
+    summary = {"config": asdict(cfg), "file_bytes": file_size, "write_seconds": t_write, "fit": raw,
+               "profile": profile.to_dict(), "results": results, "provenance": provenance()}
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=1))
+    fig, axes = new_figure(1, 1, (5.0, 4.5))
+    ax = axes[0][0]
+    lo, hi = np.inf, 0.0
+    for r in results:
+        m, p = np.array(r["measured_per_batch"]) * 1e3, np.array(r["predicted_per_batch"]) * 1e3
+        ax.scatter(p, m, s=8, label=f"chunk {r['chunk']}, QD {r['queue_depth']}")
+        lo, hi = min(lo, m.min(), p.min()), max(hi, m.max(), p.max())
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls=":")
+    ax.set(xscale="log", yscale="log", xlabel="modelled ms per batch", ylabel="measured ms per batch",
+           title=f"storage model vs real reads ({raw['mode']})")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "check.png")
+    rows = [[r["chunk"], r["queue_depth"], r["batches"], r["requests_per_batch"], r["bytes_per_batch"] / 1e3,
+             r["measured_s"] * 1e3 / r["batches"], r["predicted_s"] * 1e3 / r["batches"], r["ratio_total"],
+             r["ratio_median"], f"{r['ratio_p10']:.2f}-{r['ratio_p90']:.2f}"] for r in results]
+    sm = profile.storage
+    text = "\n".join([
+        "# Storage model vs real reads\n",
+        f"Weight file: {file_size / 1e6:.1f} MB ({geometry.n_layers} layers x {geometry.intermediate_size} neurons x "
+        f"{base.neuron_bytes} B, {fmt.name}, bundled, 4 KiB-aligned), written in {t_write:.1f} s at {path}. "
+        f"Page cache bypass: **{raw['mode']}**.\n",
+        "Fitted profile (microbenchmarks, not the replayed batches): "
+        f"B = {sm.bandwidth / 1e6:.0f} MB/s (4 MiB sequential, QD1), 4 KiB QD1 = {raw['iops_qd1']:.0f} IOPS "
+        f"(L = {sm.latency * 1e6:.0f} us), 4 KiB QD{raw['qd']} = {raw['iops_qd']:.0f} IOPS. "
+        "Saved as `this-machine.yaml` (usable with `dormant simulate --profiles`).\n",
+        "Replay: demand loads of one layer of one token per batch (coalesced runs, 4 KiB-aligned), "
+        f"{cfg.batches} random (token, layer) batches of "
+        + (f"`{cfg.trace}`" if cfg.trace else "a synthetic trace (SmolLM2-135M geometry, density 0.5)") + ".\n",
+        markdown_table(["chunk", "QD", "batches", "requests/batch", "kB/batch", "measured ms/batch",
+                        "modelled ms/batch", "total ratio", "median ratio", "p10-p90 ratio"], rows, digits=2),
+        "Ratio = measured / modelled time. ![check](check.png)\n",
+    ])
+    return write_markdown(out / "report.md", text)
+
+
 def run_offload_demo(out: str | Path = "runs/demo/offload", tokens: int = 512, thresholds: str | None = None,
-                     profiles: tuple[str, ...] = ("rpi5-microsd", "rpi5-nvme")) -> Path:
+                     profiles: tuple[str, ...] = ("rpi5-microsd", "rpi5-nvme"), model: str = "smollm2-135m",
+                     seqlen: int = 512) -> Path:
     """A short (~1 min on 2 cores) end-to-end simulation on SmolLM2-135M at 50% sparsity; returns the report path.
 
-    Calibrates ``intermediate`` thresholds at 50% on 2 x 512 WikiText-2 validation tokens unless a
-    Thresholds artifact is given, records ``tokens`` tokens of WikiText-2 test, and simulates dense,
+    Uses the given Thresholds artifact, or calibrates ``intermediate`` thresholds at 50% on 2 x ``seqlen``
+    WikiText-2 validation tokens (and says so); records ``tokens`` tokens of WikiText-2 test, and simulates dense,
     demand, window, hot, LRU and a synthetic predictor (5% FN, 7% FP) at 10/25/50/100% budgets.
     """
-    from dormant.llm.adapters import ffn_layout
-    from dormant.llm.masks import collect_trace
+    from dormant.llm.calibrate import CalibrationConfig, calibrate
+    from dormant.llm.masks import collect_trace, resident_params
     from dormant.llm.models import load_model
-    from dormant.llm.sites import site_taps
-    from dormant.llm.sparsify import sparsify_
-    from dormant.llm.stats import StatsConfig, collect_stats
+    from dormant.llm.sparsify import sparsified
     from dormant.llm.text import load_text, make_windows
     from dormant.llm.thresholds import Thresholds
-    from dormant.offload.traces import _resident_params
 
     out = Path(out)
-    model, tok, info = load_model("smollm2-135m")
-    layout = ffn_layout(model)
+    model, tok, info = load_model(model)
     if thresholds:
         thr = Thresholds.load(thresholds)
     else:
-        cal = make_windows(tok, load_text("wikitext2-valid"), 512, 2, source="wikitext2-valid")
-        stats = collect_stats(model, cal.ids, site_taps("intermediate", layout), StatsConfig(), model_id=info["id"],
-                              data=cal.describe())
-        thr = stats.thresholds(0.5, "intermediate")
-    sparsify_(model, thr, info["id"])
-    ev = make_windows(tok, load_text("wikitext2-test"), 512, math.ceil(tokens / 512), source="wikitext2-test")
-    trace = collect_trace(model, ev.ids, model_id=info["id"], max_tokens=tokens, progress=False,
-                          source={"text": ev.describe(), "params": _resident_params(model, layout)})
+        log.warning("offload demo: no thresholds given; calibrating intermediate 50%% on 2 x %d validation tokens",
+                    seqlen)
+        cal = make_windows(tok, load_text("wikitext2-valid"), seqlen, 2, source="wikitext2-valid")
+        thr = calibrate(model, cal.ids, CalibrationConfig("intermediate", [0.5], progress=False),
+                        model_id=info["id"], data=cal.describe())
+    ev = make_windows(tok, load_text("wikitext2-test"), seqlen, math.ceil(tokens / seqlen), source="wikitext2-test")
+    with sparsified(model, thr, info["id"]):
+        trace = collect_trace(model, ev.ids, model_id=info["id"], max_tokens=tokens, progress=False,
+                              source={"text": ev.describe(), "params": resident_params(model)})
     trace.save(out / "trace.safetensors")
     cfg = SimulateConfig(trace=str(out / "trace.safetensors"), predicted="synthetic",
                          profiles=list(profiles), policies=["dense", "demand", "window", "hot", "lru", "prefetch"],

@@ -1,5 +1,5 @@
-"""``dormant analyze | account``: flags map 1:1 onto :class:`~dormant.llm.analyze.AnalyzeConfig` and
-:class:`~dormant.llm.analyze.AccountConfig` (plus the model, text and calibration configs)."""
+"""``dormant analyze | account``: flags map 1:1 onto :class:`~dormant.experiments.analysis.AnalyzeConfig` and
+:class:`~dormant.experiments.analysis.AccountConfig` (plus the model, text and calibration configs)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 import json
 
 from dormant.config import add_config_args, config_from_args
-from dormant.llm.analyze import AccountConfig, AnalyzeConfig
+from dormant.experiments.analysis import AccountConfig, AnalyzeConfig
 from dormant.llm.models import ModelConfig
-from dormant.llm.sweep import CalibConfig, EvalConfig
+from dormant.llm.text import CalibDataConfig, EvalConfig
 
 # Analysis defaults that differ from the evaluation/calibration defaults: a few windows suffice.
 ANALYZE_DEFAULTS = {"max_windows": 2, "calib_windows": 8}
@@ -19,7 +19,7 @@ ACCOUNT_DEFAULTS = {"max_windows": 1}
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="natural sparsity, |a| CDFs, weights, thresholds vs depth, and the "
                                        "per-token FFN bytes/FLOPs of each execution policy; writes a report")
-    for cls in (ModelConfig, CalibConfig, EvalConfig):
+    for cls in (ModelConfig, CalibDataConfig, EvalConfig):
         add_config_args(p, cls)
     add_config_args(p, AnalyzeConfig, skip=("model", "calib", "eval"))
     p.set_defaults(handler=_analyze, **ANALYZE_DEFAULTS)
@@ -32,10 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _analyze(ns: argparse.Namespace) -> int:
-    from dormant.llm.analyze import run_analysis
+    from dormant.experiments.analysis import run_analysis
 
     cfg = config_from_args(
-        AnalyzeConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibConfig, ns),
+        AnalyzeConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibDataConfig, ns),
         eval=config_from_args(EvalConfig, ns),
     )
     print(f"report: {run_analysis(cfg)}")
@@ -43,7 +43,7 @@ def _analyze(ns: argparse.Namespace) -> int:
 
 
 def _account(ns: argparse.Namespace) -> int:
-    from dormant.llm.analyze import run_account
+    from dormant.experiments.analysis import run_account
 
     cfg = config_from_args(AccountConfig, ns)
     costs = run_account(config_from_args(ModelConfig, ns), config_from_args(EvalConfig, ns), cfg)

@@ -1,5 +1,5 @@
-"""The ``dormant`` command line. Each area registers its subcommands from its own ``commands`` module;
-handlers map flags 1:1 onto the area's config dataclasses and call library functions."""
+"""The ``dormant`` command line. Each area registers its subcommands from its own module here; handlers map
+flags 1:1 onto config dataclasses and call library verbs or the runs of :mod:`dormant.experiments`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ __all__ = ["main", "build_parser"]
 
 # Modules with a ``register(subparsers)`` function, in the order their commands are listed.
 COMMAND_MODULES = (
-    "dormant.llm.commands",
-    "dormant.llm.analysis_commands",
-    "dormant.llm.predictors.commands",
-    "dormant.offload.commands",
-    "dormant.snn.commands",
-    "dormant.demo",
+    "dormant.cli.llm",
+    "dormant.cli.analysis",
+    "dormant.cli.predictors",
+    "dormant.cli.offload",
+    "dormant.cli.snn",
+    "dormant.cli.demo",
 )
 
 

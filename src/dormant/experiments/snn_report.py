@@ -1,6 +1,6 @@
 """``dormant snn report``: one page comparing the conversion methods of a model.
 
-For one zoo model it runs (resumably, through :func:`dormant.snn.experiment.run_sweep`) the ReLU network with the
+For one zoo model it runs (resumably, through :func:`dormant.experiments.snn.run_snn_sweep`) the ReLU network with the
 registered calibrations (plain, BC, PC, RTS, FTBC; :mod:`dormant.snn.calibrate`) and, given a trained QCFS
 checkpoint (:mod:`dormant.snn.qcfs`), the QCFS network with plain conversion and FTBC ("QCFS", "QCFS+FTBC"). It
 writes into ``out``:
@@ -23,7 +23,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from dormant.snn.configs import ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig, RunConfig
+from dormant.experiments.snn import RunConfig
+from dormant.snn.configs import ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig
 
 __all__ = ["run_report", "write_comparison", "run_report_demo", "method_label"]
 
@@ -49,7 +50,7 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
         methods: calibrations of the ReLU network.
         qcfs_methods: calibrations of the QCFS network (default ``none, ftbc``).
     """
-    from dormant.snn.experiment import run_sweep
+    from dormant.experiments.snn import run_snn_sweep
 
     out = Path(run.out)
     plan = {"relu": (replace(run, qcfs=None), list(methods))}
@@ -59,7 +60,7 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
     for fam, (r, ms) in plan.items():
         families[fam] = []
         for m in ms:  # one resumable sweep folder per method: out/<family>/<method>
-            families[fam] += run_sweep(replace(r, out=str(out / fam / m)), conv, ftbc, T, [m], corr=corr,
+            families[fam] += run_snn_sweep(replace(r, out=str(out / fam / m)), conv, ftbc, T, [m], corr=corr,
                                        report=False)
     used = {fam: ms for fam, (_, ms) in plan.items()}
     qmeta = None
@@ -92,9 +93,9 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
         configs: configs to print.
     """
     from dormant.artifacts import atomic_write_text
-    from dormant.report import markdown_table, new_figure, provenance, save_figure, write_markdown
+    from dormant.experiments.snn import served_eval
+    from dormant.report import markdown_table, new_figure, provenance, save_figure, write_csv, write_markdown
     from dormant.snn.energy import energy_estimate
-    from dormant.snn.experiment import served_eval
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,11 +196,9 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
     # ---- files ------------------------------------------------------------------------------------------------
     keys = ["method", "family", "calibration", "T", "accuracy", "sops", "macs", "energy_uj", "ann_energy_uj",
             "energy_ratio"]
-    atomic_write_text(out / "comparison.csv", "\n".join(
-        [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in rows]) + "\n")
-    atomic_write_text(out / "firing_rates.csv", "\n".join(
-        [",".join(["layer"] + list(fr))] + [",".join([n] + [str(fr[lb].get(n, "")) for lb in fr])
-                                            for n in layer_names]) + "\n")
+    write_csv(out / "comparison.csv", [{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows], keys)
+    write_csv(out / "firing_rates.csv", [[n] + [fr[lb].get(n, "") for lb in fr] for n in layer_names],
+              ["layer"] + list(fr))
     atomic_write_text(out / "comparison.json", json.dumps(
         {"model": model, "T": T, "data": first, "ann_accuracy": anns, "rows": rows, "calibration": calib,
          "firing_rates": fr, "energy": asdict(energy), "qcfs": qcfs_meta, "configs": configs,
@@ -257,25 +256,27 @@ def _plot_vs_T(path: Path, by: dict, labels: list[str], T: list[int], key: str,
     save_figure(fig, path)
 
 
-def run_report_demo(out_dir: str | Path = "runs/demo/snn_report") -> Path:
-    """The short comparison (about 1-2 min on 2 CPU cores): the MNIST LeNet (max pooling), 200 test images.
+def run_report_demo(out_dir: str | Path = "runs/demo/snn_report", images: int = 200, T: list[int] | None = None,
+                    qcfs_images: int = 2000) -> Path:
+    """The short comparison (about 1-2 min on 2 CPU cores): the MNIST LeNet (max pooling), ``images`` test images.
 
     Converts with channel-wise 99.9th-percentile thresholds; plain, BC, PC, RTS and FTBC at T = 1, 2, 4, 8; and a
-    QCFS LeNet (L = 4) fine-tuned for one epoch on 2,000 MNIST training images, converted plain and with FTBC.
-    Calibration uses 200 training images, selection 200 other training images. Resumable like every sweep.
+    QCFS LeNet (L = 4) fine-tuned for one epoch on ``qcfs_images`` MNIST training images, converted plain and with
+    FTBC. Calibration uses ``images`` training images, selection ``images`` other training images. Resumable like
+    every sweep.
 
     Returns:
         Path of the report's ``report.md``.
     """
-    from dormant.snn.configs import QCFSTrainConfig
-    from dormant.snn.qcfs import train_qcfs
+    from dormant.experiments.qcfs import QCFSTrainConfig, train_qcfs
 
     out = Path(out_dir)
-    qcfs = train_qcfs(QCFSTrainConfig(model="lenet", levels=4, data="mnist", train_images=2000, val_images=200,
-                                      epochs=1, batch_size=100, lr=0.01, augment=False, init_images=200,
-                                      out=str(out / "qcfs_train"), progress=False))
-    run = RunConfig(model="lenet", qcfs=str(qcfs), holdout=200, calib_images=200, test_images=200, batch_size=100,
-                    out=str(out), progress=False)
+    batch = min(100, images)
+    qcfs = train_qcfs(QCFSTrainConfig(model="lenet", levels=4, data="mnist", train_images=qcfs_images,
+                                      val_images=images, epochs=1, batch_size=batch, lr=0.01, augment=False,
+                                      init_images=images, out=str(out / "qcfs_train"), progress=False))
+    run = RunConfig(model="lenet", qcfs=str(qcfs), holdout=images, calib_images=images, test_images=images,
+                    batch_size=batch, out=str(out), progress=False)
     return run_report(run, ConvertConfig(percentile=99.9, granularity="channel"),
-                      FTBCConfig(passes=2, batch_size=100), CorrectionConfig(batches=2, batch_size=100),
-                      EnergyConfig(), T=[1, 2, 4, 8], methods=["none", "bc", "pc", "rts", "ftbc"])
+                      FTBCConfig(passes=2, batch_size=batch), CorrectionConfig(batches=2, batch_size=batch),
+                      EnergyConfig(), T=T or [1, 2, 4, 8], methods=["none", "bc", "pc", "rts", "ftbc"])

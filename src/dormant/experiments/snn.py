@@ -14,28 +14,50 @@ FTBC: Wu et al., ECCV 2024, arXiv 2403.18388.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-
-from dormant.artifacts import ArtifactError, append_jsonl, atomic_write_text, read_jsonl
+from dormant.artifacts import ArtifactError
+from dormant.config import field
+from dormant.experiments.ledger import Ledger, config_key
+from dormant.experiments.runtime import torch_threads
 from dormant.snn.calibrate import CalibrationData, get_calibration
-from dormant.snn.configs import ConvertConfig, CorrectionConfig, FTBCConfig, RunConfig
-from dormant.snn.convert import convert
+from dormant.snn.configs import ConvertConfig, CorrectionConfig, FTBCConfig
+from dormant.snn.conversion import convert
 from dormant.snn.ftbc import FTBCResult
 
-__all__ = ["RunConfig", "run_sweep", "write_report", "run_demo", "served_eval"]
+__all__ = ["RunConfig", "run_snn_sweep", "write_report", "run_snn_demo", "served_eval"]
 
 log = logging.getLogger(__name__)
 
 
-def _key(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, corr: CorrectionConfig | None = None) -> str:
+@dataclass
+class RunConfig:
+    model: str = field("resnet20", help="zoo model: resnet20/32/44/56, vgg16, lenet")
+    weights: str | None = field(None, help="checkpoint path (default: the zoo's pretrained weights)")
+    qcfs: str | None = field(None, help="QCFS checkpoint (from `dormant snn train-qcfs`) to convert instead of the ReLU net")
+    data: str | None = field(None, help="dataset (default: the model's): cifar10-lossless, cifar10-jpeg, cifar10, mnist")
+    data_path: str | None = field(None, help="explicit dataset file/folder")
+    holdout: int = field(1000, help="training images held out for selection (never test images)")
+    calib_images: int | None = field(None, help="calibration images (thresholds and FTBC) from the rest; all if unset")
+    split_seed: int = field(0, help="seed of the calibration/held-out split")
+    test_images: int | None = field(None, help="evaluate on the first N test images (all if unset)")
+    evaluate: Literal["test", "none"] = field("test", help="test: evaluate on the test split; none: held-out only")
+    batch_size: int = field(100, help="images per simulation batch")
+    chunk: int | None = field(None, help="time steps per stateless call (memory bound only)")
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
+    threads: int | None = field(None, help="torch CPU threads (default: torch's choice)")
+    out: str = field("runs/snn", help="output folder")
+    progress: bool = field(True, help="show progress bars")
+
+
+
+def _key_config(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, corr: CorrectionConfig | None = None
+                ) -> dict[str, Any]:
     d = asdict(run)
     for k in ("batch_size", "chunk", "device", "threads", "out", "progress"):
         d.pop(k)
@@ -46,7 +68,7 @@ def _key(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, corr: Cor
         d.update(ftbc=asdict(ftbc))
     if corr is not None:
         d.update(correction=asdict(corr))
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return d
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,10 +81,9 @@ def _load_dataset_cached(name: str, split: str, path: str | None):
 
 def _prepare(run: RunConfig):
     from dormant.snn.datasets import split_holdout
-    from dormant.snn.models import load_model
+    from dormant.snn.models import load_zoo_model
 
     load_dataset = _load_dataset_cached
-
     if run.qcfs:
         from dormant.snn.models import MODELS
         from dormant.snn.qcfs import load_qcfs_model
@@ -72,7 +93,7 @@ def _prepare(run: RunConfig):
             raise ValueError(f"{run.qcfs} is a QCFS {qmeta['model']}, but --model is {run.model}")
         spec = MODELS[run.model]
     else:
-        model, spec = load_model(run.model, run.weights)
+        model, spec = load_zoo_model(run.model, run.weights)
     data = run.data or spec.default_data
     train = load_dataset(data, "train", run.data_path)
     calib, held = split_holdout(train, run.holdout, run.split_seed, run.calib_images)
@@ -80,9 +101,9 @@ def _prepare(run: RunConfig):
     return model, spec, calib, held, test
 
 
-def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int], methods: list[str],
-              save_network: bool = False, corr: CorrectionConfig | None = None, report: bool = True
-              ) -> list[dict[str, Any]]:
+def run_snn_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int], methods: list[str],
+                  save_network: bool = False, corr: CorrectionConfig | None = None, report: bool = True
+                  ) -> list[dict[str, Any]]:
     """Run (or resume) the experiment; returns its records and writes the report files into ``run.out``.
 
     Args:
@@ -97,6 +118,11 @@ def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int
         corr: options of the ``bc``/``pc`` corrections (default :class:`CorrectionConfig`).
         report: write ``report.md``, the CSVs and the plot (``False`` when a caller assembles its own page).
     """
+    with torch_threads(run.threads):
+        return _sweep(run, conv, ftbc, T, methods, save_network, corr, report)
+
+
+def _sweep(run, conv, ftbc, T, methods, save_network, corr, report) -> list[dict[str, Any]]:
     from dormant.snn.energy import synaptic_layers
     from dormant.snn.network import SpikingNetwork
     from dormant.snn.simulate import evaluate_ann, evaluate_snn, resolve_device
@@ -108,33 +134,23 @@ def run_sweep(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, T: list[int
     method_cfg = {"ftbc": ftbc, "bc": corr, "pc": corr}
     if not T or min(T) < 1:
         raise ValueError("T must list positive step counts")
-    if run.threads:
-        torch.set_num_threads(run.threads)
     out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
     # the key covers the configs of the methods run here only, so methods can also live in separate folders
-    key = _key(run, conv, ftbc if "ftbc" in methods else None, corr if uses_corr else None)
-    old = read_jsonl(results)
-    if any(r.get("key") != key for r in old):
-        raise ArtifactError(f"{results} holds results of another configuration; use another --out")
-    records = list(old)
+    key_cfg = _key_config(run, conv, ftbc if "ftbc" in methods else None, corr if uses_corr else None)
+    ledger = Ledger(out / "results.jsonl", config_key(key_cfg), key_cfg, what="SNN sweep")
+    records = ledger.records
     device = resolve_device(run.device)
     model, spec, calib, held, test = _prepare(run)
     xc, _ = calib.tensors(spec.mean, spec.std)
     xh, yh = held.tensors(spec.mean, spec.std)
     xt, yt = test.tensors(spec.mean, spec.std)
-    base = {"key": key, "model": run.model, "data": {"calib": calib.describe(), "holdout": held.describe(),
-                                                      "test": test.describe()}}
+    base = {"model": run.model, "data": {"calib": calib.describe(), "holdout": held.describe(),
+                                          "test": test.describe()}}
 
     def add(rec: dict[str, Any]) -> dict[str, Any]:
-        rec = {**base, **rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        append_jsonl(results, rec)
-        records.append(rec)
-        return rec
+        return ledger.append({**base, **rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
-    def find(**kw) -> dict[str, Any] | None:
-        return next((r for r in records if all(r.get(k) == v for k, v in kw.items())), None)
+    find = ledger.find
 
     if find(kind="ann") is None:
         rec = {"kind": "ann", "holdout": evaluate_ann(model, xh, yh, device=device) if len(yh) else None}
@@ -226,7 +242,7 @@ def _table_by_T(records: list[dict[str, Any]], T: list[int], methods: list[str])
 def write_report(out: Path, records: list[dict[str, Any]], run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig,
                  T: list[int], methods: list[str]) -> Path:
     """``report.md``, CSVs and ``accuracy.png`` from the records."""
-    from dormant.report import markdown_table, new_figure, provenance, save_figure, write_markdown
+    from dormant.report import markdown_table, new_figure, provenance, save_figure, write_csv, write_markdown
 
     ann = next(r for r in records if r["kind"] == "ann")
     first = records[0]
@@ -246,8 +262,7 @@ def write_report(out: Path, records: list[dict[str, Any]], run: RunConfig, conv:
                   "Each T uses the calibration variant selected for it on held-out training data; one "
                   "calibration at the largest T serves all T (causal methods).\n",
                   markdown_table(headers + ["ANN"], [r + [round(100 * ann["test"], 2)] for r in rows], digits=2)]
-        atomic_write_text(out / "accuracy_by_T.csv", "\n".join(
-            ",".join(map(str, r)) for r in [headers + ["ANN"]] + [r + [100 * ann["test"]] for r in rows]) + "\n")
+        write_csv(out / "accuracy_by_T.csv", [r + [100 * ann["test"]] for r in rows], headers + ["ANN"])
     cals = [r for r in records if r["kind"] == "calibration"]
     ftbc_cal = [r for r in cals if r.get("holdout_accuracy")]
     if ftbc_cal:
@@ -276,13 +291,12 @@ def write_report(out: Path, records: list[dict[str, Any]], run: RunConfig, conv:
                    for name in layers]
         lines += ["## Firing rate per layer (spikes per neuron per step, averaged over the longest run)\n",
                   markdown_table(["layer"] + [f"{m} (T={longest[m]['T']})" for m in longest], fr_rows, digits=4)]
-        atomic_write_text(out / "firing_rates.csv", "\n".join(
-            ",".join(map(str, r)) for r in [["layer"] + list(longest)] + fr_rows) + "\n")
+        write_csv(out / "firing_rates.csv", fr_rows, ["layer"] + list(longest))
         cols = [(f"{e['method']}[pass {e['snapshot']}]", e["accuracy"]) for e in evals]
         t_all = max(len(a) for _, a in cols)
-        csv = [["t"] + [c for c, _ in cols]]
-        csv += [[t + 1] + [a[t] if t < len(a) else "" for _, a in cols] for t in range(t_all)]
-        atomic_write_text(out / "accuracy_per_step.csv", "\n".join(",".join(map(str, r)) for r in csv) + "\n")
+        write_csv(out / "accuracy_per_step.csv",
+                  [[t + 1] + [a[t] if t < len(a) else "" for _, a in cols] for t in range(t_all)],
+                  ["t"] + [c for c, _ in cols])
         fig, ax = new_figure(1, 1, size=(6.5, 4.2))
         a = ax[0, 0]
         for label, acc in cols:
@@ -303,17 +317,18 @@ def write_report(out: Path, records: list[dict[str, Any]], run: RunConfig, conv:
     return write_markdown(out / "report.md", "\n".join(lines))
 
 
-def run_demo(out_dir: str | Path = "runs/demo/snn") -> Path:
-    """A short end-to-end SNN run (about 1-2 min on 2 idle CPU cores): ResNet-20 on 100 lossless test images.
+def run_snn_demo(out_dir: str | Path = "runs/demo/snn", images: int = 100, T: list[int] | None = None) -> Path:
+    """A short end-to-end SNN run (about 1-2 min on 2 idle CPU cores): ResNet-20 on ``images`` lossless test images.
 
     Channel-wise 99th-percentile thresholds (the setting selected on held-out training images for ResNet-20),
-    FTBC calibrated once at T=16 on 100 training images (1 pass, selection on 100 other training images), accuracy
-    after every step for plain conversion and FTBC. Writes ``report.md`` (tables, firing rates, calibration time)
-    and ``accuracy.png``; resumable like every sweep.
+    FTBC calibrated once at the largest T (default 16) on ``images`` training images (1 pass, selection on
+    ``images`` other training images), accuracy after every step for plain conversion and FTBC. Writes
+    ``report.md`` (tables, firing rates, calibration time) and ``accuracy.png``; resumable like every sweep.
     """
-    run = RunConfig(model="resnet20", holdout=100, calib_images=100, test_images=100, batch_size=50,
-                    out=str(out_dir))
-    ftbc = FTBCConfig(passes=1, batch_size=50)
-    run_sweep(run, ConvertConfig(percentile=99.0, granularity="channel"), ftbc, T=[1, 2, 4, 8, 16],
-              methods=["none", "ftbc"])
+    batch = min(50, images)
+    run = RunConfig(model="resnet20", holdout=images, calib_images=images, test_images=images, batch_size=batch,
+                    out=str(out_dir), progress=False)
+    ftbc = FTBCConfig(passes=1, batch_size=batch)
+    run_snn_sweep(run, ConvertConfig(percentile=99.0, granularity="channel"), ftbc, T=T or [1, 2, 4, 8, 16],
+                  methods=["none", "ftbc"])
     return Path(out_dir) / "report.md"

@@ -1,4 +1,5 @@
-"""``dormant calibrate | eval | sweep``: flags map 1:1 onto the config dataclasses of :mod:`dormant.llm`."""
+"""``dormant calibrate | eval | sweep``: flags map 1:1 onto the config dataclasses of :mod:`dormant.llm` and of the
+sparsity sweep (:mod:`dormant.experiments.sparsity`)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dormant.config import add_config_args, config_from_args, field
+from dormant.experiments.sparsity import SweepConfig
+from dormant.llm.calibrate import CalibrationConfig
 from dormant.llm.models import ModelConfig
-from dormant.llm.sweep import CalibConfig, EvalConfig, SweepConfig
+from dormant.llm.text import CalibDataConfig, EvalConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CalibrateConfig:
-    site: str = field("intermediate", help="paper | intermediate | gate_act | inputs")
-    sparsity: list[float] = field(default_factory=lambda: [0.5],
-                                  help="target sparsity: one value, or one per layer")
+class CalibrateOutputConfig:
     out: str = field("runs/thresholds.safetensors", help="where to write the Thresholds artifact")
     stats_out: str | None = field(None, help="also save the activation statistics (any target can be read later)")
+    sens_windows: int = field(2, help="calibration windows for the sensitivity profile (--allocation sensitivity)")
+    sens_seqlen: int = field(512, help="tokens per sensitivity window")
 
 
 @dataclass
@@ -32,8 +34,9 @@ class EvalCommandConfig:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate zero-enforcing thresholds for a target sparsity")
-    for cls in (ModelConfig, CalibConfig, EvalConfig, CalibrateConfig):
+    for cls in (ModelConfig, CalibDataConfig, EvalConfig, CalibrateOutputConfig):
         add_config_args(p, cls)
+    add_config_args(p, CalibrationConfig, skip=("batch_size",))  # windows per pass: --batch-size of EvalConfig
     p.set_defaults(handler=_calibrate)
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity, dense or with thresholds applied")
@@ -42,35 +45,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("sweep", help="perplexity vs target sparsity per site (resumable)")
-    for cls in (ModelConfig, CalibConfig, EvalConfig):
+    for cls in (ModelConfig, CalibDataConfig, EvalConfig):
         add_config_args(p, cls)
     add_config_args(p, SweepConfig, skip=("model", "calib", "eval"))
     p.set_defaults(handler=_sweep)
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
-    from dormant.llm.adapters import ffn_layout
+    from dormant.llm.calibrate import calibrate
     from dormant.llm.models import load_model
     from dormant.llm.sites import site_taps
-    from dormant.llm.stats import StatsConfig, collect_stats, refine_thresholds
-    from dormant.llm.sweep import load_calib_windows
+    from dormant.llm.stats import StatsConfig, collect_stats
+    from dormant.llm.text import calib_description, load_calib_windows, load_text, make_windows
 
-    mc, cc, ec, kc = (config_from_args(c, ns) for c in (ModelConfig, CalibConfig, EvalConfig, CalibrateConfig))
+    mc, dc, ec, oc = (config_from_args(c, ns) for c in (ModelConfig, CalibDataConfig, EvalConfig,
+                                                        CalibrateOutputConfig))
+    cc = config_from_args(CalibrationConfig, ns, batch_size=ec.batch_size)
     model, tok, info = load_model(mc)
-    taps = site_taps(kc.site, ffn_layout(model))
-    cal = load_calib_windows(tok, cc, ec)
-    desc = {**cal.describe(), "calib_on_eval": cc.calib_on_eval}
-    stats = collect_stats(model, cal.ids, taps, StatsConfig(), model_id=info["id"], data=desc)
-    if kc.stats_out:
-        stats.save(kc.stats_out)
-    target = kc.sparsity[0] if len(kc.sparsity) == 1 else kc.sparsity
-    thr = stats.thresholds(target, kc.site)
-    if cc.refine:
-        thr = refine_thresholds(model, cal.ids, thr, target, cc.refine, model_id=info["id"], data=desc)
-    thr.save(kc.out)
-    print(json.dumps({"thresholds": kc.out, "seconds": round(stats.seconds, 2), "refine_passes": cc.refine,
-                      **thr.summary()}, indent=1))
-    if cc.calib_on_eval:
+    cal = load_calib_windows(tok, dc, ec)
+    desc = calib_description(dc, cal)
+    stats = None
+    if oc.stats_out:
+        from dormant.llm.adapters import ffn_layout
+
+        stats = collect_stats(model, cal.ids, site_taps(cc.site, ffn_layout(model)),
+                              StatsConfig(batch_size=cc.batch_size, progress=cc.progress), model_id=info["id"], data=desc)
+        stats.save(oc.stats_out)
+    sens_windows = None
+    if cc.allocation == "sensitivity":
+        sens_windows = make_windows(tok, load_text(dc.calib_data), oc.sens_seqlen, oc.sens_windows, bos=ec.bos).ids
+    thr = calibrate(model, cal.ids, cc, stats=stats, sensitivity_windows=sens_windows, model_id=info["id"], data=desc)
+    thr.save(oc.out)
+    seconds = thr.calibration["seconds"] + (stats.seconds if stats is not None else 0.0)
+    print(json.dumps({"thresholds": oc.out, "seconds": round(seconds, 2), "refine_passes": cc.refine, **thr.summary()},
+                     indent=1))
+    if dc.calib_on_eval:
         print("NOTE: calibrated on the evaluation text (--calib-on-eval, the paper's protocol); not held-out.")
     return 0
 
@@ -79,20 +88,15 @@ def _eval(ns: argparse.Namespace) -> int:
     from dormant.artifacts import atomic_write_text
     from dormant.llm.models import load_model
     from dormant.llm.perplexity import perplexity
-    from dormant.llm.sparsify import measure_sparsity, sparsify_
-    from dormant.llm.sweep import load_eval_windows
+    from dormant.llm.sparsify import measure_sparsity, sparsified
+    from dormant.llm.text import load_eval_windows
     from dormant.llm.thresholds import Thresholds
 
     mc, ec, xc = (config_from_args(c, ns) for c in (ModelConfig, EvalConfig, EvalCommandConfig))
+    thr = Thresholds.load(xc.thresholds) if xc.thresholds else None
     model, tok, info = load_model(mc)
-    taps = ()
-    thr = None
-    if xc.thresholds:
-        thr = Thresholds.load(xc.thresholds)
-        sparsify_(model, thr, info["id"])
-        taps = thr.taps
     ev = load_eval_windows(tok, ec)
-    with measure_sparsity(model, taps) as meter:
+    with sparsified(model, thr, info["id"]), measure_sparsity(model, thr.taps if thr else ()) as meter:
         r = perplexity(model, ev.ids, ec.batch_size)
     out = {"model": info, "eval": ev.describe(), **r.to_dict(), "sparsity": meter.summary()["per_tap"],
            "neuron_sparsity": meter.summary()["neuron"], "thresholds": xc.thresholds}
@@ -105,12 +109,12 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from dormant.llm.sweep import run_sweep
+    from dormant.experiments.sparsity import run_sparsity_sweep
 
     cfg = config_from_args(
-        SweepConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibConfig, ns),
+        SweepConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibDataConfig, ns),
         eval=config_from_args(EvalConfig, ns),
     )
-    run_sweep(cfg)
+    run_sparsity_sweep(cfg)
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0

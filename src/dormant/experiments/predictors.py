@@ -12,45 +12,63 @@
   ``per_layer.csv`` and plots are rewritten. With ``heldout_pairs`` the same is measured on the
   held-out calibration windows of a pair store -- the place to select hyperparameters (e.g. the
   guard size) by perplexity.
-* :func:`run_predictability_study`: :mod:`~dormant.llm.predictors.predictability` on a loaded model.
+* :func:`run_predictability_study`: the perturbation study of :mod:`~dormant.llm.predictors.predictability`
+  on a loaded model (resumable), with its report.
 * :func:`run_predictor_demo`: a ~2-minute end-to-end run on SmolLM2-135M.
 
-Hyperparameters and decision thresholds are chosen on the held-out calibration windows only; the
-evaluation text is only ever scored.
+Pair stores split calibration text into train | select | heldout windows: hyperparameters, decision thresholds
+and early stopping are chosen on ``select``; the scores a fit reports as held-out come from ``heldout``, which
+chooses nothing; the evaluation text is only ever scored.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dormant.artifacts import ArtifactError, append_jsonl, atomic_path, atomic_write_text, read_jsonl
+import numpy as np
+import torch
+from torch import nn
+
+from dormant.artifacts import ArtifactError, atomic_write_text
 from dormant.config import field
+from dormant.experiments.ledger import Ledger, config_key
 from dormant.llm.predictors.base import PREDICTORS, Predictor, evaluate_on_store, load_predictor
-from dormant.llm.predictors.data import PairStore, _tensor_sha, collect_pairs
+from dormant.llm.predictors.data import PairStore, collect_pairs, tensor_sha
+from dormant.llm.predictors.predictability import (
+    METRICS,
+    active_masks,
+    independent_baseline,
+    layer_metrics,
+    perturb,
+    perturbation_plan,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PairsConfig", "FitRunConfig", "PredictorEvalConfig", "open_or_collect_pairs", "fit_predictor",
-           "evaluate_predictors", "evaluate_loaded", "write_eval_report", "run_predictability_study",
-           "run_predictor_demo"]
+__all__ = ["PairsConfig", "FitRunConfig", "PredictorEvalConfig", "PredictabilityConfig", "open_or_collect_pairs",
+           "fit_predictor", "evaluate_predictors", "evaluate_loaded", "write_eval_report", "run_predictability",
+           "run_predictability_study", "write_predictability_report", "run_predictor_demo"]
 
 
 @dataclass
 class PairsConfig:
     pairs: str = field("runs/predictors/pairs", help="pair-store folder (collected once, reused when it matches)")
     train_data: str = field("wikitext2-valid", help="calibration text the pairs come from (not the evaluation text)")
-    train_windows: int = field(16, help="windows of calibration text (the last --heldout-windows are held out)")
+    train_windows: int = field(16, help="windows of calibration text: train, then --select-windows, then "
+                                         "--heldout-windows")
     train_seqlen: int = field(2048, help="tokens per calibration window")
-    heldout_windows: int = field(4, help="held-out windows: early stopping, decision thresholds, model selection")
+    select_windows: int = field(3, help="selection windows: early stopping, decision thresholds, model selection")
+    heldout_windows: int = field(2, help="held-out windows: never used to choose anything; fit reports its scores "
+                                         "on them")
 
 
 @dataclass
@@ -74,8 +92,8 @@ class PredictorEvalConfig:
     closed_loop: bool = field(True, help="perplexity with each predictor's masks applied")
     save_traces: bool = field(False, help="write the oracle trace and each predictor's predicted trace "
                                           "(open loop, token-aligned) under <out>/traces/")
-    heldout_pairs: str | None = field(None, help="score on the held-out calibration windows of this pair store "
-                                                 "(model selection) instead of the evaluation text")
+    select_pairs: str | None = field(None, help="score on the selection windows of this pair store (model "
+                                                "selection, e.g. the guard size) instead of the evaluation text")
     progress: bool = field(True, help="show progress bars")
 
 
@@ -88,7 +106,7 @@ def _sha(path: str | Path) -> str:
 
 
 def _thresholds_sha(thr) -> str:
-    return _tensor_sha(thr.values)
+    return tensor_sha(thr.values)
 
 
 def open_or_collect_pairs(model_cfg, pairs_cfg: PairsConfig, thresholds_path: str, progress: bool = True,
@@ -112,20 +130,18 @@ def open_or_collect_pairs(model_cfg, pairs_cfg: PairsConfig, thresholds_path: st
     if pairs_cfg.train_data == "wikitext2-test":
         log.warning("collecting predictor training pairs from the evaluation text (wikitext2-test): not held-out")
     from dormant.llm.models import load_model
-    from dormant.llm.sparsify import sparsify_, unsparsify_
+    from dormant.llm.sparsify import sparsified
     from dormant.llm.text import load_text, make_windows
 
     model, tok, info = loaded or load_model(model_cfg)
     cal = make_windows(tok, load_text(pairs_cfg.train_data), pairs_cfg.train_seqlen, pairs_cfg.train_windows,
                        source=pairs_cfg.train_data)
-    if len(cal.ids) <= pairs_cfg.heldout_windows:
+    if len(cal.ids) <= pairs_cfg.select_windows + pairs_cfg.heldout_windows:
         raise ValueError(f"{len(cal.ids)} calibration windows leave none for training after "
-                         f"{pairs_cfg.heldout_windows} held-out ones")
-    sparsify_(model, thr, info["id"])
-    try:
-        return collect_pairs(model, cal.ids, root, pairs_cfg.heldout_windows, info["id"], cal.describe(), progress)
-    finally:
-        unsparsify_(model)
+                         f"{pairs_cfg.select_windows} selection and {pairs_cfg.heldout_windows} held-out ones")
+    with sparsified(model, thr, info["id"]):
+        return collect_pairs(model, cal.ids, root, pairs_cfg.select_windows, pairs_cfg.heldout_windows, info["id"],
+                             cal.describe(), progress)
 
 
 def _per_layer_fit(p: Predictor) -> bool:
@@ -185,18 +201,24 @@ def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg
         model = (loaded or load_model(model_cfg))[0]
         pred.guard = guard_neurons(ffn_layout(model), run.guard) if run.guard > 0 else None
         pred.info["guard"] = {"k": run.guard, "rule": "top-k of ||W_gate[i]|| * ||W_up[i]|| per layer"}
-    pred.info["pairs"] = {"root": str(store.root), "train_tokens": store.n_tokens("train"),
-                          "heldout_tokens": store.n_tokens("heldout")}
+    pred.info["pairs"] = {"root": str(store.root), **{f"{split}_tokens": store.n_tokens(split)
+                                                        for split in ("train", "select", "heldout")}}
     pred.save(out)
     if not run.init:
         out.with_name(out.name + ".partial").unlink(missing_ok=True)
-    heldout = evaluate_on_store(pred, store, "heldout").summary()
-    record = {"predictor": pred.describe(), "path": str(out), "heldout": heldout, "pairs": pred.info["pairs"],
-              "fit": pred.info.get("fit"), "seconds": time.perf_counter() - t0}
+    # "select" chose tau and the early stop, so its scores are optimistic; "heldout" chose nothing.
+    select = evaluate_on_store(pred, store, "select").summary()
+    heldout = evaluate_on_store(pred, store, "heldout").summary() if store.n_windows("heldout") else None
+    if heldout is None:
+        log.warning("%s has no held-out windows (a store from before the selection split): no held-out scores",
+                    store.root)
+    record = {"predictor": pred.describe(), "path": str(out), "heldout": heldout, "select": select,
+              "pairs": pred.info["pairs"], "fit": pred.info.get("fit"), "seconds": time.perf_counter() - t0}
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=1))
-    o = heldout["overall"]
-    log.info("%s: held-out recall %.4f precision %.3f predicted density %.3f (true %.3f)", run.kind, o["recall"],
-             o["precision"], o["pred_density"], o["true_density"])
+    o = (heldout or select)["overall"]
+    log.info("%s: %s recall %.4f precision %.3f predicted density %.3f (true %.3f)", run.kind,
+             "held-out" if heldout else "selection-split", o["recall"], o["precision"], o["pred_density"],
+             o["true_density"])
     return record
 
 
@@ -231,14 +253,15 @@ def evaluate_loaded(
     """
     from dormant.llm.adapters import ffn_layout
     from dormant.llm.perplexity import perplexity
-    from dormant.llm.predictors.apply import _model_meta, observe_predictions, predicted_masks
-    from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
+    from dormant.llm.predictors.apply import model_meta, observe_predictions, predicted_masks
+    from dormant.llm.sparsify import is_sparsified, measure_sparsity, sparsified
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.jsonl"
-    old = read_jsonl(path)
-    if any(r.get("key") != key for r in old):
-        raise ArtifactError(f"{path} holds results of another model, text or thresholds; use another --out")
+    ledger = Ledger(out / "results.jsonl", key, {"model": info["id"], "eval": windows.describe(),
+                                                  "thresholds": thresholds.summary()},
+                    what="predictor evaluation")
+    if is_sparsified(model):
+        raise ValueError("evaluate_loaded needs the dense model (it applies the thresholds itself)")
+    path, old = ledger.path, ledger.records
     fingerprints = fingerprints or {}
     known: dict[str, str | None] = {}
     for r in old:
@@ -248,14 +271,12 @@ def evaluate_loaded(
             raise ArtifactError(f"{path}: a different predictor named {n!r} was already scored here; rename it")
     done = {(r["unit"], r.get("name")) for r in old}
     scored = {n for r in old for n in r.get("open_loop", {})}
-    base = {"key": key, "model": info, "eval": windows.describe(), "thresholds": thresholds.summary()}
+    base = {"model": info, "eval": windows.describe(), "thresholds": thresholds.summary()}
     ids = windows.ids
     if dense and ("dense", None) not in done:
-        unsparsify_(model)
         r = perplexity(model, ids, batch_size, progress=progress)
-        append_jsonl(path, {**base, "unit": "dense", "name": None, **r.to_dict()})
-    sparsify_(model, thresholds, info["id"])
-    try:
+        ledger.append({**base, "unit": "dense", "name": None, **r.to_dict()})
+    with sparsified(model, thresholds, info["id"]):
         todo = {n: p for n, p in predictors.items() if n not in scored}
         if ("oracle", None) not in done or todo:
             with contextlib.ExitStack() as stack:
@@ -268,7 +289,7 @@ def evaluate_loaded(
             traces = {}
             if save_traces and runs:
                 tdir = out / "traces"
-                meta = _model_meta(model, ffn_layout(model), info["id"])
+                meta = model_meta(model, ffn_layout(model), info["id"])
                 src = {"text": windows.describe(), "thresholds": thresholds.summary()}
                 for n, run in runs.items():
                     pred_t, true_t = run.traces(meta, src)
@@ -278,30 +299,27 @@ def evaluate_loaded(
                     traces[n] = {"predicted": str(tdir / f"{n}.predicted.safetensors"),
                                  "oracle": str(tdir / "oracle.safetensors")}
             unit = "oracle" if ("oracle", None) not in done else "open_loop"
-            append_jsonl(path, {**base, "unit": unit, "name": None, **r.to_dict(),
-                                "neuron_sparsity": meter.summary()["neuron"],
-                                "open_loop": {n: run.summary() for n, run in runs.items()},
-                                "cost": {n: p.cost().summary() for n, p in todo.items()},
-                                "describe": {n: p.describe() for n, p in todo.items()},
-                                "fingerprints": {n: fingerprints.get(n) for n in todo}, "traces": traces})
+            ledger.append({**base, "unit": unit, "name": None, **r.to_dict(),
+                           "neuron_sparsity": meter.summary()["neuron"],
+                           "open_loop": {n: run.summary() for n, run in runs.items()},
+                           "cost": {n: p.cost().summary() for n, p in todo.items()},
+                           "describe": {n: p.describe() for n, p in todo.items()},
+                           "fingerprints": {n: fingerprints.get(n) for n in todo}, "traces": traces})
         for n, p in predictors.items():
             if not closed_loop or ("closed_loop", n) in done:
                 continue
             with predicted_masks(model, p) as run:
                 r = perplexity(model, ids, batch_size, progress=progress)
-            append_jsonl(path, {**base, "unit": "closed_loop", "name": n, **r.to_dict(), "closed_loop": run.summary(),
-                                "fingerprints": {n: fingerprints.get(n)}})
-    finally:
-        unsparsify_(model)
-    records = read_jsonl(path)
-    write_eval_report(out, records)
-    return records
+            ledger.append({**base, "unit": "closed_loop", "name": n, **r.to_dict(), "closed_loop": run.summary(),
+                           "fingerprints": {n: fingerprints.get(n)}})
+    write_eval_report(out, ledger.records)
+    return ledger.records
 
 
 def evaluate_predictors(model_cfg, eval_cfg, cfg: PredictorEvalConfig) -> list[dict[str, Any]]:
     """Load the model, thresholds and predictors, and run :func:`evaluate_loaded` (resumable, incremental)."""
     from dormant.llm.models import load_model
-    from dormant.llm.sweep import load_eval_windows
+    from dormant.llm.text import load_eval_windows
     from dormant.llm.thresholds import Thresholds
 
     if cfg.thresholds is None:
@@ -316,17 +334,17 @@ def evaluate_predictors(model_cfg, eval_cfg, cfg: PredictorEvalConfig) -> list[d
     key_d = {"model": model_cfg.model, "dtype": model_cfg.dtype, "eval": dataclasses.asdict(eval_cfg),
              "thresholds": _sha(cfg.thresholds)}
     key_d["eval"].pop("batch_size")
-    if cfg.heldout_pairs:
-        store = PairStore.open(cfg.heldout_pairs)
-        key_d["eval"] = {"heldout_pairs": store.meta["key"]}
-    key = hashlib.sha256(json.dumps(key_d, sort_keys=True).encode()).hexdigest()[:12]
+    if cfg.select_pairs:
+        store = PairStore.open(cfg.select_pairs)
+        key_d["eval"] = {"select_pairs": store.meta["key"]}
+    key = config_key(key_d)
     model, tok, info = load_model(model_cfg)
-    if cfg.heldout_pairs:
+    if cfg.select_pairs:
         from dormant.llm.text import Windows
 
         text = store.meta.get("text", {})
-        windows = Windows(store.token_ids("heldout"), bool(text.get("bos", False)),
-                          f"{text.get('source')} (held-out windows of {cfg.heldout_pairs})")
+        windows = Windows(store.token_ids("select"), bool(text.get("bos", False)),
+                          f"{text.get('source')} (selection windows of {cfg.select_pairs})")
     else:
         windows = load_eval_windows(tok, eval_cfg)
     return evaluate_loaded(model, info, windows, thr, preds, Path(cfg.out), cfg.dense, cfg.closed_loop,
@@ -339,7 +357,7 @@ _TABLE = ("recall", "precision", "f1", "jaccard", "pred_density", "true_density"
 
 def write_eval_report(out: Path, records: list[dict[str, Any]]) -> Path:
     """``report.md``, ``results.csv``, ``per_layer.csv``, ``per_layer.png`` from evaluation records."""
-    from dormant.report import markdown_table, new_figure, save_figure, write_markdown
+    from dormant.report import markdown_table, new_figure, save_figure, write_csv, write_markdown
 
     dense = next((r for r in records if r["unit"] == "dense"), None)
     oracle = next((r for r in records if r["unit"] == "oracle"), None)
@@ -390,12 +408,12 @@ def write_eval_report(out: Path, records: list[dict[str, Any]]) -> Path:
                 f"{n}: `{t['predicted']}`" for n, t in oracle["traces"].items())
                 + f"; oracle: `{next(iter(oracle['traces'].values()))['oracle']}`\n")
         text.append("![per layer](per_layer.png)\n")
-        _write_csv(out / "results.csv", csv_rows)
+        write_csv(out / "results.csv", csv_rows)
         per_layer = []
         for n, s in oracle["open_loop"].items():
             for layer in range(len(s["per_layer"]["recall"])):
                 per_layer.append({"predictor": n, "layer": layer, **{k: s["per_layer"][k][layer] for k in _TABLE}})
-        _write_csv(out / "per_layer.csv", per_layer)
+        write_csv(out / "per_layer.csv", per_layer)
         fig, ax = new_figure(1, 3, size=(4.5, 3.5))
         for n, s in oracle["open_loop"].items():
             pl = s["per_layer"]
@@ -418,86 +436,195 @@ def _pct(r: dict | None, ref: dict | None) -> str:
     return "" if not r or not ref else f"{100 * (r['ppl'] / ref['ppl'] - 1):+.2f}%"
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
 # -- predictability ----------------------------------------------------------------------------------
-def run_predictability_study(model_cfg, eval_cfg, thresholds: str | None, cfg, loaded: tuple | None = None) -> Path:
-    """Load model (or use ``loaded``), apply ``thresholds`` and run the study on ``eval_cfg``'s text."""
-    import numpy as np
+@dataclass
+class PredictabilityConfig:
+    samples: int = field(12, help="texts (consecutive evaluation windows) to perturb")
+    similarities: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.85, 0.8, 0.75, 0.7],
+                                      help="token similarity of the perturbed copies")
+    seed: int = field(0, help="perturbation seed")
+    out: str = field("runs/predictability", help="output folder (records.jsonl, CSV, report.md, heatmaps)")
+    progress: bool = field(True, help="show progress bars")
 
+
+
+
+def run_predictability(
+    model: nn.Module, windows, pool: np.ndarray, cfg: PredictabilityConfig, meta: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run (or resume) the study on the (thresholded) ``model``; returns all records.
+
+    Args:
+        windows: :class:`dormant.llm.text.Windows` with at least ``cfg.samples`` windows.
+        pool: the token stream replacements are drawn from.
+        meta: run description stored in every record (model, thresholds, text).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    key_cfg = {"cfg": {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")}, "meta": meta or {}}
+    ledger = Ledger(out / "records.jsonl", config_key(key_cfg), key_cfg, what="predictability study")
+    done = {(r["kind"], r["sample"]) for r in ledger.records}
+    ids = windows.ids[: cfg.samples]
+    if len(ids) < cfg.samples:
+        raise ValueError(f"only {len(ids)} windows available for {cfg.samples} samples")
+    prev: torch.Tensor | None = None
+    for j in tqdm(range(cfg.samples), desc="predictability", unit="text", disable=not cfg.progress):
+        need_var = ("variant", j) not in done
+        need_unrel = j > 0 and ("unrelated", j - 1) not in done
+        if not (need_var or need_unrel):
+            prev = None
+            continue
+        t0 = time.perf_counter()
+        a = active_masks(model, ids[j])
+        if need_unrel:
+            if prev is None:
+                prev = active_masks(model, ids[j - 1])
+            m = layer_metrics(prev, a, None)
+            indep = [independent_baseline(p, q) for p, q in zip(m["density_a"], m["density_b"])]
+            m.update({f"indep_{k}": [d[k] for d in indep] for k in ("jaccard", "recall", "hamming")})
+            ledger.append({"kind": "unrelated", "sample": j - 1, "other": j, "metrics": m})
+        if need_var:
+            order, repl = perturbation_plan(ids[j], pool, cfg.seed, j, windows.bos)
+            per_sim = {}
+            for s in cfg.similarities:
+                v, changed = perturb(ids[j], order, repl, s)
+                per_sim[f"{s:g}"] = {"replaced": int(changed.sum()), **layer_metrics(a, active_masks(model, v), ~changed)}
+            ledger.append({"kind": "variant", "sample": j, "metrics": per_sim, "seconds": time.perf_counter() - t0})
+        prev = a
+    write_predictability_report(out, ledger.records, cfg, meta or {})
+    return ledger.records
+
+
+def summarize(records: list[dict[str, Any]], similarities: list[float]) -> dict[str, dict[str, np.ndarray]]:
+    """``{row: {metric: [mean over samples per layer], metric+'_std': ...}}``; rows are similarities,
+    ``unrelated`` and ``independent``."""
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    var = [r for r in records if r["kind"] == "variant"]
+    for s in similarities:
+        k = f"{s:g}"
+        vals = [r["metrics"][k] for r in var if k in r["metrics"]]
+        if vals:
+            rows[k] = {m: np.nanmean([v[m] for v in vals], 0) for m in METRICS}
+            rows[k].update({f"{m}_std": np.nanstd([v[m] for v in vals], 0) for m in METRICS})
+    un = [r["metrics"] for r in records if r["kind"] == "unrelated"]
+    if un:
+        rows["unrelated"] = {m: np.mean([v[m] for v in un], 0) for m in ("jaccard", "recall", "hamming", "exact")}
+        rows["independent"] = {m: np.mean([v[f"indep_{m}"] for v in un], 0) for m in ("jaccard", "recall", "hamming")}
+    return rows
+
+
+def write_predictability_report(out: Path, records: list[dict[str, Any]], cfg: PredictabilityConfig, meta: dict) -> Path:
+    """``predictability.csv``, ``report.md`` and ``heatmap_<metric>.png`` from the records."""
+    from dormant.report import markdown_table, new_figure, save_figure, write_csv, write_markdown
+
+    rows = summarize(records, cfg.similarities)
+    if not rows:
+        raise ValueError("no predictability records")
+    n_layers = len(next(iter(rows.values()))["jaccard"])
+    write_csv(out / "predictability.csv", [[name, layer, *(f"{r[m][layer]:.6f}" if m in r else "" for m in METRICS)]
+                                           for name, r in rows.items() for layer in range(n_layers)],
+              ["comparison", "layer", *METRICS])
+    shown = sorted({0, 1, min(9, n_layers - 1), min(19, n_layers - 1), n_layers - 1})
+    n_var = len({r["sample"] for r in records if r["kind"] == "variant"})
+    n_un = len([r for r in records if r["kind"] == "unrelated"])
+    text = [
+        "# Predictability of active-neuron patterns under input perturbation\n",
+        f"- model: {meta.get('model', {}).get('id')}; thresholds: {meta.get('thresholds')}",
+        f"- texts: {n_var} windows of {meta.get('text', {}).get('seqlen')} tokens of {meta.get('text', {}).get('source')}; "
+        f"perturbation seed {cfg.seed}; unrelated-text pairs: {n_un}",
+        "- edit: a seeded random set of exactly round((1-s)*n) token positions (never an added BOS) gets tokens "
+        "drawn from the text's unigram distribution (never the original token); lower similarities contain the "
+        "edits of higher ones. Metrics are per-token means over all positions (module docstring of "
+        "`dormant.llm.predictors.predictability`). Layers are 0-indexed.\n",
+    ]
+    for m, title in (("jaccard", "Jaccard of active sets"), ("recall", "recall of the original active set"),
+                     ("hamming", "Hamming agreement"), ("jaccard_unchanged", "Jaccard on unchanged positions"),
+                     ("exact", "exact pattern match (fraction of positions)")):
+        hdr = ["comparison", *[f"L{layer}" for layer in shown], "mean over layers"]
+        body = []
+        for name, r in rows.items():
+            if m not in r:
+                continue
+            label = f"{float(name):.0%} similar" if name not in ("unrelated", "independent") else name
+            body.append([label, *[float(r[m][layer]) for layer in shown], float(np.nanmean(r[m]))])
+        text += [f"## {title}\n", markdown_table(hdr, body), f"![{m}](heatmap_{m}.png)\n"]
+    write_markdown(out / "report.md", "\n".join(text))
+    for m in ("jaccard", "recall", "hamming", "jaccard_unchanged", "exact"):
+        names = [n for n, r in rows.items() if m in r]
+        mat = np.stack([rows[n][m] for n in names])
+        fig, ax = new_figure(1, 1, size=(min(14, max(6, 2 + 0.4 * n_layers)), 0.45 * len(names) + 1.5))
+        im = ax[0, 0].imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax[0, 0].set_yticks(range(len(names)), [f"{float(n):.0%}" if n not in ("unrelated", "independent") else n
+                                                for n in names])
+        ax[0, 0].set(xlabel="layer", title=f"{m}: original vs perturbed copy, and baselines")
+        for i in range(mat.shape[0]):
+            for layer in range(mat.shape[1]):
+                if n_layers <= 32 and not math.isnan(mat[i, layer]):
+                    ax[0, 0].text(layer, i, f"{mat[i, layer]:.2f}"[1:] if mat[i, layer] < 1 else "1",
+                                  ha="center", va="center", fontsize=6, color="w" if mat[i, layer] < 0.6 else "k")
+        fig.colorbar(im, ax=ax[0, 0])
+        save_figure(fig, out / f"heatmap_{m}.png")
+    return out / "report.md"
+
+
+def run_predictability_study(model_cfg, eval_cfg, thresholds: str | None, cfg: PredictabilityConfig,
+                             loaded: tuple | None = None) -> Path:
+    """Load model (or use ``loaded``), apply ``thresholds`` and run the study on ``eval_cfg``'s text."""
     from dormant.llm.models import load_model
-    from dormant.llm.predictors.predictability import run_predictability
-    from dormant.llm.sparsify import sparsify_, unsparsify_
+    from dormant.llm.sparsify import sparsified
     from dormant.llm.text import load_text, make_windows
     from dormant.llm.thresholds import Thresholds
 
+    thr = Thresholds.load(thresholds) if thresholds else None
     model, tok, info = loaded or load_model(model_cfg)
     text = load_text(eval_cfg.data)
     windows = make_windows(tok, text, eval_cfg.seqlen, cfg.samples, bos=eval_cfg.bos, source=eval_cfg.data)
     pool = np.asarray(tok(text, add_special_tokens=False).input_ids, dtype=np.int64)
     meta: dict[str, Any] = {"model": {"id": info["id"], "dtype": info["dtype"]}, "text": windows.describe(),
                             "thresholds": None}
-    if thresholds:
-        thr = Thresholds.load(thresholds)
-        sparsify_(model, thr, info["id"])
+    if thr is not None:
         meta["thresholds"] = {"site": thr.site, "mean_target": float(thr.targets.mean()), "sha": _thresholds_sha(thr)}
-    try:
+    with sparsified(model, thr, info["id"]):
         run_predictability(model, windows, pool, cfg, meta)
-    finally:
-        unsparsify_(model)
     return Path(cfg.out) / "report.md"
 
 
 # -- demo --------------------------------------------------------------------------------------------
 def run_predictor_demo(out: str | Path = "runs/demo/predictors", seqlen: int = 512, eval_windows: int = 2,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, model: str = "smollm2-135m") -> Path:
     """A short predictor run on SmolLM2-135M (~2 minutes on 2 CPU cores); returns the report path.
 
-    Calibrates 50% ``intermediate`` thresholds on 4 WikiText-2 validation windows, collects pairs from 6
-    more (2 held out), builds the static hot-neuron mask (``cluster`` k = 1) with and without the
+    Calibrates 50% ``intermediate`` thresholds on 4 WikiText-2 validation windows, collects pairs from 8
+    more (4 for training, 2 for selection, 2 held out), builds the static hot-neuron mask (``cluster`` k = 1) with and without the
     4-neuron guard (:func:`~dormant.llm.predictors.base.guard_neurons`) and trains a rank-32 ``lowrank``
     predictor with the guard, and scores them on ``eval_windows`` test windows (open-loop metrics,
     perplexity dense / oracle / predicted). Every step resumes from its files.
     """
-    from dormant.llm.adapters import ffn_layout
+    from dormant.llm.calibrate import CalibrationConfig, calibrate
     from dormant.llm.models import ModelConfig, load_model
     from dormant.llm.predictors.cluster import ClusterConfig
     from dormant.llm.predictors.lowrank import LowRankConfig
-    from dormant.llm.sites import site_taps
-    from dormant.llm.stats import StatsConfig, collect_stats
-    from dormant.llm.sweep import EvalConfig, load_eval_windows
-    from dormant.llm.text import load_text, make_windows
+    from dormant.llm.sparsify import sparsified
+    from dormant.llm.text import EvalConfig, load_eval_windows, load_text, make_windows
     from dormant.llm.thresholds import Thresholds
 
     out = Path(out)
-    loaded = load_model(ModelConfig("smollm2-135m"))
+    loaded = load_model(ModelConfig(model))
     model, tok, info = loaded
     thr_path = out / "thresholds.safetensors"
     valid = load_text("wikitext2-valid")
     if not thr_path.is_file():
         cal = make_windows(tok, valid, seqlen, 4, source="wikitext2-valid")
-        stats = collect_stats(model, cal.ids, site_taps("intermediate", ffn_layout(model)),
-                              StatsConfig(progress=progress), info["id"], cal.describe())
-        stats.thresholds(0.5, "intermediate").save(thr_path)
-    pairs = PairsConfig(pairs=str(out / "pairs"), train_windows=6, train_seqlen=seqlen, heldout_windows=2)
-    # The pair windows are the 6 validation windows after the 4 calibration ones (skip via a longer read).
+        calibrate(model, cal.ids, CalibrationConfig("intermediate", [0.5], progress=progress), model_id=info["id"],
+                  data=cal.describe()).save(thr_path)
+    pairs = PairsConfig(pairs=str(out / "pairs"), train_windows=8, train_seqlen=seqlen, select_windows=2,
+                        heldout_windows=2)
+    # The pair windows are the 8 validation windows after the 4 calibration ones.
     if not (out / "pairs" / "pairs.json").is_file():
-        from dormant.llm.sparsify import sparsify_, unsparsify_
-
-        w = make_windows(tok, valid, seqlen, 6, skip=4, source="wikitext2-valid")
-        sparsify_(model, Thresholds.load(thr_path), info["id"])
-        try:
-            collect_pairs(model, w.ids, out / "pairs", 2, info["id"], w.describe(), progress)
-        finally:
-            unsparsify_(model)
+        w = make_windows(tok, valid, seqlen, 8, skip=4, source="wikitext2-valid")
+        with sparsified(model, Thresholds.load(thr_path), info["id"]):
+            collect_pairs(model, w.ids, out / "pairs", 2, 2, info["id"], w.describe(), progress)
     preds = {}
     for name, kind, cfg, init, guard in (
         ("static_k1", "cluster", ClusterConfig(k=1, epochs=1), None, None),
@@ -508,7 +635,7 @@ def run_predictor_demo(out: str | Path = "runs/demo/predictors", seqlen: int = 5
         if not path.is_file():
             run = FitRunConfig(kind=kind, thresholds=str(thr_path), out=str(path), progress=progress,
                                init=None if init is None else str(init), guard=guard)
-            fit_predictor(ModelConfig("smollm2-135m"), pairs, run, cfg, loaded=loaded)
+            fit_predictor(ModelConfig(model), pairs, run, cfg, loaded=loaded)
         preds[name] = load_predictor(path)
     windows = load_eval_windows(tok, EvalConfig(seqlen=seqlen, max_windows=eval_windows))
     evaluate_loaded(model, info, windows, Thresholds.load(thr_path), preds, out / "eval", progress=progress,

@@ -17,14 +17,13 @@ reruns everything); the sweep itself resumes point by point.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dormant.config import add_config_args, config_from_args, field
+from dormant.config import field
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +33,26 @@ class DemoConfig:
     out: str = field("runs/demo", help="output folder of the demo")
     steps: list[str] = field(default_factory=lambda: list(STEPS), help="steps to run: " + ", ".join(
         ["sparsity", "analysis", "predictors", "offload", "snn", "snn_compare"]))
+    model: str = field("smollm2-135m", help="LLM of the sparsity, analysis, predictor and offload steps")
     windows: int = field(4, help="evaluation windows per sweep point")
     seqlen: int = field(512, help="tokens per window")
+    snn_images: int = field(100, help="ResNet-20 step: test images (and as many calibration and held-out images)")
+    snn_T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], help="ResNet-20 step: time steps")
+    compare_images: int = field(200, help="LeNet comparison step: test images (and as many for calibration, "
+                                          "held-out selection and QCFS monitoring)")
+    compare_T: list[int] = field(default_factory=lambda: [1, 2, 4, 8], help="LeNet comparison step: time steps")
+    qcfs_images: int = field(2000, help="LeNet comparison step: MNIST training images for the QCFS fine-tuning")
     fresh: bool = field(False, help="rerun steps that already finished")
 
 
 def _sparsity(cfg: DemoConfig, out: Path) -> Path:
+    from dormant.experiments.sparsity import SweepConfig, run_sparsity_sweep
     from dormant.llm.models import ModelConfig
-    from dormant.llm.sweep import CalibConfig, EvalConfig, SweepConfig, run_sweep
+    from dormant.llm.text import CalibDataConfig, EvalConfig
 
-    run_sweep(SweepConfig(
-        model=ModelConfig("smollm2-135m"),
-        calib=CalibConfig(calib_windows=8, calib_seqlen=cfg.seqlen),
+    run_sparsity_sweep(SweepConfig(
+        model=ModelConfig(cfg.model),
+        calib=CalibDataConfig(calib_windows=8, calib_seqlen=cfg.seqlen),
         eval=EvalConfig(seqlen=cfg.seqlen, max_windows=cfg.windows),
         sites=["paper", "intermediate"],
         sparsity=[0.0, 0.3, 0.5],
@@ -55,34 +62,36 @@ def _sparsity(cfg: DemoConfig, out: Path) -> Path:
 
 
 def _analysis(cfg: DemoConfig, out: Path) -> Path:
-    from dormant.llm.analyze import quick_analysis
+    from dormant.experiments.analysis import quick_analysis
 
-    return quick_analysis(out=out, seqlen=cfg.seqlen, windows=2)
+    return quick_analysis(out=out, model=cfg.model, seqlen=cfg.seqlen, windows=2)
 
 
 def _offload(cfg: DemoConfig, out: Path) -> Path:
-    from dormant.offload.sweep import run_offload_demo
+    from dormant.experiments.offload import run_offload_demo
 
     thr = Path(cfg.out) / "sparsity" / "thresholds_intermediate_uniform_0.5.safetensors"
-    return run_offload_demo(out=out, thresholds=str(thr) if thr.exists() else None)
+    if not thr.exists():
+        log.warning("demo step offload: %s is missing (run the sparsity step first); the step calibrates its own", thr)
+    return run_offload_demo(out=out, model=cfg.model, seqlen=cfg.seqlen, thresholds=str(thr) if thr.exists() else None)
 
 
 def _predictors(cfg: DemoConfig, out: Path) -> Path:
-    from dormant.llm.predictors.pipeline import run_predictor_demo
+    from dormant.experiments.predictors import run_predictor_demo
 
-    return run_predictor_demo(out, seqlen=cfg.seqlen, progress=False)
+    return run_predictor_demo(out, model=cfg.model, seqlen=cfg.seqlen, progress=False)
 
 
 def _snn(cfg: DemoConfig, out: Path) -> Path:
-    from dormant.snn.experiment import run_demo
+    from dormant.experiments.snn import run_snn_demo
 
-    return run_demo(out)
+    return run_snn_demo(out, images=cfg.snn_images, T=cfg.snn_T)
 
 
 def _snn_compare(cfg: DemoConfig, out: Path) -> Path:
-    from dormant.snn.report import run_report_demo
+    from dormant.experiments.snn_report import run_report_demo
 
-    return run_report_demo(out)
+    return run_report_demo(out, images=cfg.compare_images, T=cfg.compare_T, qcfs_images=cfg.qcfs_images)
 
 
 STEPS: dict[str, tuple[str, Callable[[DemoConfig, Path], Path]]] = {
@@ -95,23 +104,22 @@ STEPS: dict[str, tuple[str, Callable[[DemoConfig, Path], Path]]] = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="every part of the project once, on small defaults; writes a report")
-    add_config_args(p, DemoConfig)
-    p.set_defaults(handler=_demo)
-
-
 def run_demo(cfg: DemoConfig) -> Path:
-    """Run the selected steps (skipping finished ones) and write the index ``report.md``."""
-    from dormant.artifacts import append_jsonl, read_jsonl
+    """Run the selected steps (skipping finished ones) and write the index ``report.md``.
+
+    Finished steps are records of the demo's ledger (``steps.jsonl``), keyed by the sizes in ``cfg``; the last
+    record of a step wins, so ``fresh`` reruns add records and keep the old ones.
+    """
+    from dormant.experiments.ledger import Ledger, config_key
     from dormant.report import markdown_table, write_markdown
 
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown:
         raise ValueError(f"unknown demo steps {unknown}; choose from {', '.join(STEPS)}")
     root = Path(cfg.out)
-    log_path = root / "steps.jsonl"
-    done = {} if cfg.fresh else {r["step"]: r for r in read_jsonl(log_path)}
+    key_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("out", "steps", "fresh")}
+    ledger = Ledger(root / "steps.jsonl", config_key(key_cfg), key_cfg, what="demo")
+    done = {} if cfg.fresh else {r["step"]: r for r in ledger.records}
     for name in cfg.steps:
         if name in done and Path(done[name]["report"]).exists():
             log.info("demo step %s already done: %s", name, done[name]["report"])
@@ -120,16 +128,9 @@ def run_demo(cfg: DemoConfig) -> Path:
         log.info("demo step %s: %s", name, title)
         t0 = time.perf_counter()
         report = fn(cfg, root / name)
-        done[name] = {"step": name, "report": str(report), "seconds": round(time.perf_counter() - t0, 1)}
-        append_jsonl(log_path, done[name])
+        done[name] = ledger.append({"step": name, "report": str(report), "seconds": round(time.perf_counter() - t0, 1)})
     rows = [[STEPS[s][0], f"[{Path(done[s]['report']).relative_to(root)}]({Path(done[s]['report']).relative_to(root)})",
              f"{done[s]['seconds']:.0f}"] for s in STEPS if s in done]
     text = ("# dormant demo\n\nEach step ran on small embedded defaults (see `dormant demo --help`); the full-size "
             "commands are in the README.\n\n" + markdown_table(["step", "report", "seconds"], rows))
     return write_markdown(root / "report.md", text)
-
-
-def _demo(ns: argparse.Namespace) -> int:
-    report = run_demo(config_from_args(DemoConfig, ns))
-    print(f"demo report: {report}")
-    return 0

@@ -1,61 +1,31 @@
-"""ANN -> SNN conversion: trace, check, fold batch-norm, set thresholds, swap ReLUs for IF neurons.
+"""The structure of a conversion: trace an ANN, check every operation, fold batch-norm, swap in spiking modules.
 
-The recipe of threshold-balanced rate conversion (Diehl et al. 2015; Rueckauer et al. 2017) as used by FTBC
-(Wu et al., ECCV 2024, arXiv 2403.18388, Sec. 3):
-
-1. Trace the ANN with ``torch.fx``; every operation must be one the conversion understands (table below), so
-   nothing is converted silently wrong. A functional ``F.relu`` is rejected: it has no module to hold a threshold.
-2. Fold each BatchNorm into the preceding conv/linear: ``W' = W * g``, ``b' = (b - mu) * g + beta`` with
-   ``g = gamma / sqrt(var + eps)``. A BatchNorm that cannot be folded stays (it is affine, so it acts on spike
-   trains per step as on rates).
-3. Thresholds from training activations ``a = relu(z)`` of each ReLU: ``theta = scale * Q_q(a)`` per layer or per
-   channel, with ``Q_q`` the q-quantile over all values (zeros included; q = 1 is the maximum). Channels that
-   never fire in the data get the layer threshold.
-4. Each ReLU becomes an :class:`~dormant.snn.neurons.IFNeuron` (reset by subtraction, ``v[0] = v0*theta``, spike
-   amplitude theta, so no weight rescaling is needed). Each max pooling after a ReLU becomes spike-count max
-   pooling (``maxpool="spike_count"``, see :mod:`dormant.snn.neurons`) or is moved in front of the neuron,
-   ``maxpool(relu(z)) = relu(maxpool(z))`` (``maxpool="pre_neuron"``, max over per-step currents as in Bu et al.
-   2024's LTB).
-5. A :class:`~dormant.snn.qcfs.QCFS` activation (Bu et al., ICLR 2022) becomes an IF neuron whose threshold is its
-   trained clip value theta (no activation statistics) and whose ANN mode is the QCFS activation itself.
-
-Supported operations: modules Conv1d/2d, Linear, BatchNorm1d/2d, ReLU, AvgPool1d/2d, AdaptiveAvgPool1d/2d,
-MaxPool2d, Flatten, Identity, Dropout (eval: identity), :class:`~dormant.snn.models.ZeroPadShortcut`; functions
-and methods: residual ``+``/``torch.add``, ``torch.flatten``/``.flatten`` (from dim 1), ``.view``/``.reshape``
-(keep the batch dimension first), ``.size``, ``.contiguous``, ``torch.cat`` (not on dim 0), slicing that keeps
-dim 0, ``F.pad`` with zeros, ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``, ``.mean`` over non-batch dims.
+:func:`spiking_graph` turns a trained ANN into the ``torch.fx`` graph a
+:class:`~dormant.snn.network.SpikingNetwork` runs: each ``nn.ReLU`` (or QCFS activation) becomes an
+:class:`~dormant.snn.neurons.IFNeuron` with unit thresholds, each max pooling a spike-count max pooling (or moves in
+front of its neuron). It is shared by the conversion (:mod:`dormant.snn.conversion`, which then sets thresholds from
+training activations) and by :meth:`SpikingNetwork.load` (which rebuilds the structure and loads the saved state),
+so loading a network never needs the conversion itself. See :mod:`dormant.snn.conversion` for the supported
+operations.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from dormant.snn.configs import ConvertConfig
 from dormant.snn.models import ZeroPadShortcut
-from dormant.snn.network import SpikingNetwork
 from dormant.snn.neurons import IFNeuron, SpikeMaxPool2d
 from dormant.snn.qcfs import QCFS
 
-__all__ = [
-    "ConvertConfig",
-    "ConversionError",
-    "trace",
-    "fold_batchnorm",
-    "build_spiking_network",
-    "activation_thresholds",
-    "set_thresholds_",
-    "convert",
-]
+__all__ = ["ConversionError", "trace", "fold_batchnorm", "spiking_graph"]
 
 
 class ConversionError(ValueError):
@@ -172,7 +142,7 @@ def _check(gm: fx.GraphModule) -> None:
                     + ", ".join(sorted(_fn_name(f) for f in _FUNCTIONS)))
             if not ok(node):
                 raise ConversionError(f"{where}: this use of {_fn_name(node.target)} would mix the batch (time) "
-                                      "dimension or is not linear; see dormant.snn.convert for the allowed forms")
+                                      "dimension or is not linear; see dormant.snn.conversion for the allowed forms")
         elif node.op == "call_method":
             if node.target in _RELU_METHODS:
                 raise ConversionError(f"{where}: tensor method .{node.target}() used as activation; write it as an "
@@ -254,15 +224,13 @@ def _move_maxpool_before_relu(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def build_spiking_network(ann: nn.Module, example: torch.Tensor, cfg: ConvertConfig | None = None,
-                          meta: dict[str, Any] | None = None) -> SpikingNetwork:
-    """The converted structure with unit thresholds (set them with :func:`set_thresholds_`).
+def spiking_graph(ann: nn.Module, example: torch.Tensor, cfg: ConvertConfig | None = None) -> fx.GraphModule:
+    """The traced, checked, batch-norm-folded graph of ``ann`` with spiking modules in place (unit thresholds).
 
     Args:
-        ann: the trained ANN (left untouched: a copy is converted).
+        ann: the trained ANN (left untouched: a copy is traced).
         example: one input batch ``[N, ...]`` (only its shape matters).
-        cfg: conversion options.
-        meta: extra description stored with the network (e.g. ``{"model": "resnet20"}``).
+        cfg: conversion options (``v0``, ``shift`` and ``maxpool`` shape the structure).
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -290,93 +258,6 @@ def build_spiking_network(ann: nn.Module, example: torch.Tensor, cfg: ConvertCon
             node.target = f"pools.{node.name}"
     gm.delete_all_unused_submodules()
     gm.recompile()
-    info = dict(meta or {})
-    info.update({"convert": asdict(cfg), "input_shape": list(example.shape[1:])})
-    snn = SpikingNetwork(gm, info)
-    if not snn.neurons:
+    if not any(isinstance(m, IFNeuron) for m in gm.modules()):
         raise ConversionError("the network has no nn.ReLU or QCFS module: nothing to convert into spiking neurons")
-    return snn
-
-
-class _TopK:
-    """Running top-k of the values of each row of ``[R, M]`` batches (exact order statistics near the top)."""
-
-    def __init__(self, k: int):
-        self.k = k
-        self.values: torch.Tensor | None = None
-
-    def update(self, rows: torch.Tensor) -> None:
-        if self.values is not None:
-            rows = torch.cat([self.values, rows], dim=1)
-        self.values = rows.topk(min(self.k, rows.shape[1]), dim=1, sorted=False).values
-
-
-@torch.no_grad()
-def activation_thresholds(snn: SpikingNetwork, x: torch.Tensor, cfg: ConvertConfig, batch_size: int = 200,
-                          progress: bool = False) -> dict[str, torch.Tensor]:
-    """Thresholds ``[C]`` per neuron from the ANN-mode (ReLU) activations on training inputs ``x`` ``[N, ...]``.
-
-    ``theta = scale * Q_q(a)`` with ``Q_q`` the nearest-rank q-quantile of all values of the layer (or of each
-    channel): the value at 0-based descending rank ``n - ceil(q n)`` among ``n`` values. Neurons converted from
-    QCFS (``levels > 0``) keep their trained threshold and are skipped.
-    """
-    names = [name for name, nrn in snn.neurons.items() if not int(nrn.levels)]
-    if not names:
-        return {}
-    n_img = len(x)
-    q = cfg.quantile
-    tops: dict[str, _TopK] = {}
-    ranks: dict[str, int] = {}
-    dev = snn.device
-    for i in tqdm(range(0, n_img, batch_size), desc="threshold stats", disable=not progress, leave=False):
-        _, rec = snn.ann_forward(x[i : i + batch_size].to(dev), record=names)
-        for name in names:
-            a = rec[name]
-            rows = a.transpose(0, 1).reshape(a.shape[1], -1) if cfg.granularity == "channel" else a.reshape(1, -1)
-            if name not in tops:
-                n = rows.shape[1] // len(a) * n_img  # values per row over the whole set
-                ranks[name] = n - math.ceil(q * n)
-                tops[name] = _TopK(ranks[name] + 1)
-            tops[name].update(rows.float())
-    out = {}
-    for name in names:
-        vals = tops[name].values.sort(dim=1, descending=True).values
-        theta = vals[:, ranks[name]] * cfg.scale
-        channels = snn.neurons[name].channels
-        if cfg.granularity == "channel":
-            layer = theta.max()
-            if layer <= 0:
-                raise ConversionError(f"neuron {name!r} never activates on the threshold data")
-            # channel quantiles that are 0 (channel silent on the data): use the layer's largest channel threshold
-            theta = torch.where(theta > 0, theta, layer)
-        else:
-            if theta.item() <= 0:
-                raise ConversionError(f"neuron {name!r}: the {100 * q:g}th percentile of its activations is 0; "
-                                      "use a higher percentile or threshold='max'")
-            theta = theta.expand(channels)
-        out[name] = theta.clone().cpu()
-    return out
-
-
-def set_thresholds_(snn: SpikingNetwork, thresholds: dict[str, torch.Tensor]) -> None:
-    neurons = snn.neurons
-    if set(thresholds) != set(neurons):
-        raise ValueError(f"thresholds for {sorted(thresholds)} but neurons are {sorted(neurons)}")
-    for name, theta in thresholds.items():
-        neurons[name].set_theta_(theta)
-
-
-def convert(ann: nn.Module, x: torch.Tensor, cfg: ConvertConfig | None = None, *, batch_size: int = 200,
-            meta: dict[str, Any] | None = None, device: str | torch.device = "cpu", progress: bool = False
-            ) -> SpikingNetwork:
-    """Convert ``ann`` using training inputs ``x`` ``[N, ...]`` (normalised) for the thresholds.
-
-    The ANN itself is never modified. Returns the :class:`SpikingNetwork` on ``device``.
-    """
-    cfg = cfg or ConvertConfig()
-    snn = build_spiking_network(ann, x[:1], cfg, meta).to(device)
-    thresholds = {name: nrn.theta.cpu() for name, nrn in snn.neurons.items()}  # QCFS: trained theta
-    thresholds.update(activation_thresholds(snn, x, cfg, batch_size, progress))
-    set_thresholds_(snn, thresholds)
-    snn.meta["threshold_data"] = {"n": len(x)}
-    return snn
+    return gm

@@ -1,13 +1,13 @@
 """The sparsity-perplexity trade-off: calibrate once per site, then evaluate every target sparsity.
 
-Each finished point is appended to ``results.jsonl`` in the output folder as soon as it is measured;
-activation statistics are cached per site. A rerun with the same configuration skips what is done,
-so an interrupted sweep resumes where it stopped. The sweep ends with ``report.md`` and ``sweep.png``.
+Each finished point is appended to ``results.jsonl`` in the output folder as soon as it is measured (through the
+run's :class:`~dormant.experiments.ledger.Ledger`); activation statistics and sensitivity profiles are cached under
+names keyed by the model, text and taps that produced them. A rerun with the same configuration skips what is
+done, so an interrupted sweep resumes where it stopped. The sweep ends with ``report.md`` and ``sweep.png``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -15,100 +15,57 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dormant.artifacts import ArtifactError, append_jsonl, read_jsonl
+from dormant.artifacts import ArtifactError, atomic_write_text
 from dormant.config import field
-from dormant.llm.allocate import Sensitivity, allocate, measure_sensitivity
+from dormant.experiments.ledger import Ledger, config_key
+from dormant.llm.allocate import Sensitivity, measure_sensitivity
+from dormant.llm.calibrate import ALLOCATIONS, CalibrationConfig, calibrate
 from dormant.llm.models import ModelConfig
-
-ALLOCATIONS = ("uniform", "sensitivity")
+from dormant.llm.text import CalibDataConfig, EvalConfig, calib_description
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibConfig", "EvalConfig", "SweepConfig", "run_sweep", "load_eval_windows", "load_calib_windows"]
-
-
-@dataclass
-class CalibConfig:
-    calib_data: str = field("wikitext2-valid", help="calibration text: wikitext2-valid, wikitext2-test or a file")
-    calib_windows: int = field(16, help="number of calibration windows")
-    calib_seqlen: int = field(2048, help="tokens per calibration window")
-    calib_on_eval: bool = field(False, help="calibrate on the evaluation windows themselves (the paper's protocol)")
-    refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
-                               "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
-                               "calibration)")
-
-
-@dataclass
-class EvalConfig:
-    data: str = field("wikitext2-test", help="evaluation text: wikitext2-test, wikitext2-valid or a file")
-    seqlen: int = field(2048, help="tokens per evaluation window")
-    max_windows: int | None = field(None, help="evaluate at most this many windows (all if unset)")
-    batch_size: int = field(1, help="windows per forward pass")
-    bos: str = field("auto", help="prepend BOS to each window: auto | always | never")
+__all__ = ["SweepConfig", "run_sparsity_sweep", "write_sweep_report"]
 
 
 @dataclass
 class SweepConfig:
     model: ModelConfig
-    calib: CalibConfig
+    calib: CalibDataConfig
     eval: EvalConfig
     sites: list[str] = field(default_factory=lambda: ["paper", "intermediate"], help="sites to sweep")
     sparsity: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.35, 0.4, 0.45, 0.5], help="target sparsities")
     allocation: list[str] = field(default_factory=lambda: ["uniform"],
                                   help="per-layer allocation: uniform (the paper) and/or sensitivity (dormant.llm.allocate)")
+    refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
+                               "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
+                               "calibration)")
     sens_windows: int = field(2, help="calibration windows for the per-layer sensitivity profile")
     sens_seqlen: int = field(512, help="tokens per sensitivity window")
     out: str = field("runs/sweep", help="output folder (results.jsonl, report.md, sweep.png)")
     progress: bool = field(True, help="show progress bars")
 
+    def key_config(self) -> dict[str, Any]:
+        """What identifies the measurement: points measured under another configuration are not mixed in."""
+        calib = asdict(self.calib)
+        if self.refine:
+            calib["refine"] = self.refine  # keys of sweeps made before refinement existed stay valid
+        ev = asdict(self.eval)
+        ev.pop("batch_size")
+        return {"model": self.model.model, "dtype": self.model.dtype, "calib": calib, "eval": ev}
+
     def key(self) -> str:
-        """Identity of the measurement: points measured under another key are not mixed in."""
-        d = {"model": self.model.model, "dtype": self.model.dtype, "calib": asdict(self.calib), "eval": asdict(self.eval)}
-        d["eval"].pop("batch_size")
-        if not self.calib.refine:
-            d["calib"].pop("refine")  # keys of sweeps made before refinement existed stay valid
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return config_key(self.key_config())
 
 
-def load_eval_windows(tokenizer, cfg: EvalConfig):
-    from dormant.llm.text import load_text, make_windows
-
-    return make_windows(tokenizer, load_text(cfg.data), cfg.seqlen, cfg.max_windows, bos=cfg.bos, source=cfg.data)
-
-
-def load_calib_windows(tokenizer, cfg: CalibConfig, eval_cfg: EvalConfig, eval_windows=None):
-    """Calibration windows, disjoint from the evaluation text unless ``calib_on_eval``.
-
-    With ``calib_on_eval`` (the paper's protocol) the calibration windows *are* the evaluation windows.
-    """
-    from dormant.llm.text import load_text, make_windows
-
-    if cfg.calib_on_eval:
-        log.warning("calibrating on the evaluation text (calib_on_eval, the paper's protocol): results are not held-out")
-        return eval_windows if eval_windows is not None else load_eval_windows(tokenizer, eval_cfg)
-    if cfg.calib_data == eval_cfg.data:
-        raise ValueError(
-            f"calibration and evaluation both read {cfg.calib_data!r}; choose another --calib-data, "
-            "or pass --calib-on-eval to reproduce the paper's protocol knowingly"
-        )
-    return make_windows(tokenizer, load_text(cfg.calib_data), cfg.calib_seqlen, cfg.calib_windows, bos=eval_cfg.bos,
-                        source=cfg.calib_data)
-
-
-def _calib_description(cfg: CalibConfig, windows) -> dict[str, Any]:
-    d = windows.describe()
-    d["calib_on_eval"] = cfg.calib_on_eval
-    return d
-
-
-def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Run (or resume) a sweep; returns all records of this configuration."""
     from dormant.llm.adapters import ffn_layout
     from dormant.llm.models import load_model
     from dormant.llm.perplexity import perplexity
     from dormant.llm.sites import site_taps
-    from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
-    from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats, refine_thresholds
+    from dormant.llm.sparsify import measure_sparsity, sparsified
+    from dormant.llm.text import load_calib_windows, load_eval_windows
 
     for site in cfg.sites:
         site_taps(site)  # fail early on a bad site name
@@ -116,37 +73,32 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     if bad:
         raise ValueError(f"unknown allocation {sorted(bad)}; choose from {', '.join(ALLOCATIONS)}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    key = cfg.key()
-    old = read_jsonl(results)
-    if any(r.get("key") != key for r in old):
-        raise ArtifactError(f"{results} holds points of another sweep configuration; use another --out")
-    done = {(r["site"], r.get("allocation", "uniform"), r["target"]) for r in old}
+    ledger = Ledger(out / "results.jsonl", cfg.key(), cfg.key_config(), what="sweep")
+    done = {(r["site"], r.get("allocation", "uniform"), r["target"]) for r in ledger.records}
     todo = [(s, a, t) for s in cfg.sites for a in cfg.allocation for t in cfg.sparsity
             if t > 0 and (s, a, t) not in done]
     need_dense = 0.0 in cfg.sparsity and ("dense", "uniform", 0.0) not in done
     if not todo and not need_dense:
-        log.info("all %d points already measured in %s", len(old), results)
-        write_sweep_report(out, old, cfg)
-        return old
+        log.info("all %d points already measured in %s", len(ledger.records), ledger.path)
+        write_sweep_report(out, ledger.records, cfg)
+        return ledger.records
 
     model, tokenizer, info = load_model(cfg.model)
     layout = ffn_layout(model)
     ev = load_eval_windows(tokenizer, cfg.eval)
     cal = load_calib_windows(tokenizer, cfg.calib, cfg.eval, ev)
-    base = {"key": key, "model": info, "eval": ev.describe(), "calibration": _calib_description(cfg.calib, cal)}
+    desc = calib_description(cfg.calib, cal)
+    base = {"model": info, "eval": ev.describe(), "calibration": desc}
 
     def evaluate(site: str, target: float, taps, allocation: str = "uniform", extra=None) -> dict[str, Any]:
         with measure_sparsity(model, taps) as meter:
             r = perplexity(model, ev.ids, cfg.eval.batch_size, progress=cfg.progress)
         m = meter.summary()
         site_sparsity = sum(m["per_tap"][t.value] for t in taps) / len(taps) if taps else 0.0
-        rec = {**base, "site": site, "allocation": allocation, "target": target, **r.to_dict(), **(extra or {}),
-               "site_sparsity": site_sparsity,
-               "neuron_sparsity": m["neuron"], "per_tap": m["per_tap"], "per_layer": m["per_layer"],
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        append_jsonl(results, rec)
+        rec = ledger.append({**base, "site": site, "allocation": allocation, "target": target, **r.to_dict(),
+                             **(extra or {}), "site_sparsity": site_sparsity, "neuron_sparsity": m["neuron"],
+                             "per_tap": m["per_tap"], "per_layer": m["per_layer"],
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         log.info("%s/%s @ %.2f: ppl %.3f, site sparsity %.3f, neuron sparsity %.3f", site, allocation, target, r.ppl,
                  site_sparsity, m["neuron"])
         return rec
@@ -158,47 +110,50 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         if not points:
             continue
         taps = site_taps(site, layout)
-        stats_path = out / f"stats_{site}.safetensors"
-        try:
-            stats = ActivationStats.load(stats_path)
-        except ArtifactError:
-            stats = collect_stats(model, cal.ids, taps, StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
-                                  model_id=info["id"], data=_calib_description(cfg.calib, cal))
-            stats.save(stats_path)
+        # The statistics depend on the model and the calibration text only (the evaluation text too when it is
+        # the calibration text), not on the targets: one pass per site serves every point.
+        inputs = {**cfg.key_config(), "taps": [t.value for t in taps]}
+        if not cfg.calib.calib_on_eval:
+            inputs.pop("eval")
+        stats = _cached_stats(ledger.cache_path(f"stats_{site}", inputs, ".safetensors"), model, cal, taps, cfg,
+                              info, desc)
         sens = None
         for allocation, target in points:
-            extra = None
-            if allocation == "sensitivity":
-                sens = sens or _sensitivity(model, tokenizer, stats, cfg, site, out)
-                per_layer = allocate(sens, target)
-                thr = stats.thresholds(per_layer, site)
-                extra = {"layer_targets": per_layer}
-            else:
-                thr = stats.thresholds(target, site)
-            if cfg.calib.refine:
-                spec = extra["layer_targets"] if extra else target
-                thr = refine_thresholds(model, cal.ids, thr, spec, cfg.calib.refine,
-                                        StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
-                                        model_id=info["id"], data=_calib_description(cfg.calib, cal))
+            if allocation == "sensitivity" and sens is None:
+                sens = _sensitivity(model, tokenizer, stats, cfg, site,
+                                    ledger.cache_path(f"sensitivity_{site}", {**inputs, "sens": [
+                                        cfg.sens_windows, cfg.sens_seqlen]}, ".json"))
+            ccfg = CalibrationConfig(site, [target], allocation, cfg.refine, cfg.eval.batch_size, cfg.progress)
+            thr = calibrate(model, cal.ids, ccfg, stats=stats, sensitivity=sens, model_id=info["id"], data=desc)
             thr.save(out / f"thresholds_{site}_{allocation}_{target:g}.safetensors")
-            sparsify_(model, thr, info["id"])
-            try:
+            extra = {"layer_targets": thr.calibration["layer_targets"]} if allocation == "sensitivity" else None
+            with sparsified(model, thr, info["id"]):
                 evaluate(site, target, taps, allocation, extra)
-            finally:
-                unsparsify_(model)
-    records = read_jsonl(results)
-    write_sweep_report(out, records, cfg)
-    return records
+    write_sweep_report(out, ledger.records, cfg)
+    return ledger.records
 
 
-def _sensitivity(model, tokenizer, stats, cfg: SweepConfig, site: str, out: Path):
-    """Per-layer sensitivity on calibration text (cached as JSON in the sweep folder)."""
-    from dormant.artifacts import atomic_write_text
-    from dormant.llm.text import load_text, make_windows
+def _cached_stats(path: Path, model, cal, taps, cfg: SweepConfig, info, desc):
+    from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats
 
-    path = out / f"sensitivity_{site}.json"
+    try:
+        return ActivationStats.load(path)
+    except ArtifactError:
+        stats = collect_stats(model, cal.ids, taps, StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
+                              model_id=info["id"], data=desc)
+        stats.save(path)
+        return stats
+
+
+def _sensitivity(model, tokenizer, stats, cfg: SweepConfig, site: str, path: Path) -> Sensitivity:
+    """Per-layer sensitivity on calibration text (cached as JSON under a name keyed by its inputs)."""
+    from dormant.llm.text import load_eval_windows, load_text, make_windows
+
     if path.exists():
-        return Sensitivity.from_dict(json.loads(path.read_text()))
+        try:
+            return Sensitivity.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError) as e:
+            log.warning("ignoring unreadable sensitivity cache %s (%s); measuring again", path, e)
     if cfg.calib.calib_on_eval:
         w = load_eval_windows(tokenizer, cfg.eval).ids[: cfg.sens_windows]
     else:

@@ -157,7 +157,6 @@ def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg
         kind_cfg: the ``Config`` dataclass of ``run.kind`` (e.g. :class:`LowRankConfig`).
         loaded: optional already loaded ``(model, tokenizer, info)`` for collecting pairs.
     """
-    from tqdm.auto import tqdm
 
     if run.thresholds is None:
         raise ValueError("predictor fit needs --thresholds (the active neurons are defined by them)")
@@ -175,23 +174,7 @@ def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg
         pred.choose_taus(store, recall, ratio, progress=run.progress)
         pred.info["retargeted_from"] = {"path": str(run.init), "recall": recall, "density_ratio": ratio}
     else:
-        cls = PREDICTORS[run.kind]
-        partial = out.with_name(out.name + ".partial")
-        pred = None
-        if partial.is_file():
-            old = load_predictor(partial)
-            if dataclasses.asdict(old.config) == dataclasses.asdict(kind_cfg):
-                pred = old
-                log.info("resuming %s from %s (%d layers done)", run.kind, partial, len(old.predicted_layers()))
-        if pred is None:
-            pred = cls.for_store(store, kind_cfg)
-        if _per_layer_fit(pred):
-            todo = [layer for layer in range(pred.n_layers) if layer not in pred.predicted_layers()]
-            for layer in tqdm(todo, desc=f"fit {run.kind}", unit="layer", disable=not run.progress):
-                pred.fit(store, progress=False, layers=[layer])
-                pred.save(partial)
-        else:
-            pred.fit(store, progress=run.progress)
+        pred = _fit_resumably(store, run, kind_cfg, out)
         pred.info["fit"]["seconds_total"] = time.perf_counter() - t0
     if run.guard is not None:
         from dormant.llm.adapters import ffn_layout
@@ -204,8 +187,9 @@ def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg
     pred.info["pairs"] = {"root": str(store.root), **{f"{split}_tokens": store.n_tokens(split)
                                                         for split in ("train", "select", "heldout")}}
     pred.save(out)
-    if not run.init:
-        out.with_name(out.name + ".partial").unlink(missing_ok=True)
+    if not run.init:  # the finished predictor holds every layer's fit record: the resume state can go
+        for suffix in (".partial", ".fit.jsonl", ".fit.config.json"):
+            out.with_name(out.name + suffix).unlink(missing_ok=True)
     # "select" chose tau and the early stop, so its scores are optimistic; "heldout" chose nothing.
     select = evaluate_on_store(pred, store, "select").summary()
     heldout = evaluate_on_store(pred, store, "heldout").summary() if store.n_windows("heldout") else None
@@ -220,6 +204,42 @@ def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg
              "held-out" if heldout else "selection-split", o["recall"], o["precision"], o["pred_density"],
              o["true_density"])
     return record
+
+
+def _fit_resumably(store: PairStore, run: FitRunConfig, kind_cfg: Any, out: Path) -> Predictor:
+    """Fit ``run.kind`` on ``store``; per-layer predictors record every finished layer in a ledger
+    (``<out>.fit.jsonl``) after saving the partial predictor (``<out>.partial``), so a killed fit resumes with the
+    layers both hold. The ledger key is the predictor's kind and hyperparameters and the pair store's key."""
+    from tqdm.auto import tqdm
+
+    cls = PREDICTORS[run.kind]
+    pred = cls.for_store(store, kind_cfg)
+    if not _per_layer_fit(pred):
+        pred.fit(store, progress=run.progress)
+        return pred
+    key_cfg = {"kind": run.kind, "config": dataclasses.asdict(kind_cfg), "pairs": store.meta.get("key")}
+    ledger = Ledger(out.with_name(out.name + ".fit.jsonl"), config_key(key_cfg), key_cfg, what="predictor fit")
+    partial = out.with_name(out.name + ".partial")
+    recorded = {r["layer"] for r in ledger.records}
+    if recorded:
+        try:
+            old = load_predictor(partial)
+        except ArtifactError as e:
+            log.warning("%s records %d finished layers but %s is unreadable (%s); fitting from scratch",
+                        ledger.path, len(recorded), partial, e)
+            recorded = set()
+        else:
+            if recorded <= set(old.predicted_layers()):
+                pred = old
+                log.info("resuming %s from %s (%d layers done)", run.kind, partial, len(recorded))
+            else:
+                recorded = set()
+    todo = [layer for layer in range(pred.n_layers) if layer not in recorded]
+    for layer in tqdm(todo, desc=f"fit {run.kind}", unit="layer", disable=not run.progress):
+        pred.fit(store, progress=False, layers=[layer])
+        pred.save(partial)  # the state first, then the record: a recorded layer is always in the partial
+        ledger.append({"layer": layer, "fit": pred.info["fit"]["per_layer"].get(str(layer))})
+    return pred
 
 
 # -- evaluation ------------------------------------------------------------------------------------

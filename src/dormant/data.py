@@ -14,6 +14,7 @@ When everything fails, :class:`DataNotFoundError` lists every place that was loo
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import urllib.request
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["DataSource", "DataNotFoundError", "SOURCES", "resolve", "data_roots", "cache_dir"]
+
+log = logging.getLogger(__name__)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -119,10 +122,15 @@ def cache_dir() -> Path:
 
 
 def data_roots() -> list[Path]:
-    """Data roots in search order (steps 2-4 above); entries may not exist."""
+    """Data roots in search order (steps 2-4 above); entries may not exist, except ``$DORMANT_DATA``: a value
+    that is not a directory is an error (a typo would otherwise fall back to other data without a word)."""
     roots = []
     if os.environ.get("DORMANT_DATA"):
-        roots.append(Path(os.environ["DORMANT_DATA"]))
+        given = Path(os.environ["DORMANT_DATA"]).expanduser()
+        if not given.is_dir():
+            raise DataNotFoundError(f"DORMANT_DATA={os.environ['DORMANT_DATA']} is not a directory; unset it or point "
+                                    "it at a folder laid out like ../shared/data")
+        roots.append(given)
     here = Path(__file__).resolve()
     if len(here.parents) > 3:  # src/dormant/data.py in a checkout -> <checkout>/../shared/data
         roots.append(here.parents[3] / "shared" / "data")
@@ -154,10 +162,13 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
         raise KeyError(f"unknown data source {name!r}; known: {', '.join(sorted(SOURCES))}")
     src = SOURCES[name]
     tried = []
-    for root in data_roots():
+    roots = data_roots()
+    for root in roots:
         for rel in src.relpaths:
             p = root / rel
             if p.exists():
+                if os.environ.get("DORMANT_DATA") and root != roots[0]:
+                    log.warning("%s is not in DORMANT_DATA=%s; using %s", name, os.environ["DORMANT_DATA"], p)
                 return p
             tried.append(str(p))
     if download is None:
@@ -176,22 +187,28 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
 
 
 def _download(src: DataSource, dest: Path, timeout: float = 30.0) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Download ``src`` into the cache (and extract its member), each step atomic and the archive checksummed.
+
+    A killed download or extraction leaves only a temporary file, never a partial file that a later run would
+    accept; an archive whose SHA-256 differs from the known one is refused.
+    """
+    from dormant.artifacts import atomic_path
+
     blob = cache_dir() / "downloads" / Path(src.url).name
-    blob.parent.mkdir(parents=True, exist_ok=True)
     if not blob.exists():
-        tmp = blob.with_suffix(blob.suffix + ".part")
-        with urllib.request.urlopen(src.url, timeout=timeout) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-        if src.sha256 and _sha256(tmp) != src.sha256:
-            tmp.unlink()
-            raise OSError(f"checksum mismatch for {src.url}")
-        os.replace(tmp, blob)
-    if src.member is None:
-        shutil.copyfile(blob, dest)
-    else:
-        with zipfile.ZipFile(blob) as z, z.open(src.member) as m, open(dest, "wb") as f:
-            shutil.copyfileobj(m, f)
+        with atomic_path(blob) as tmp:
+            with urllib.request.urlopen(src.url, timeout=timeout) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+            if src.sha256 and _sha256(tmp) != src.sha256:
+                raise OSError(f"checksum mismatch for {src.url}: refusing the download")
+    elif src.sha256 and _sha256(blob) != src.sha256:
+        raise OSError(f"cached download {blob} does not match its known checksum; delete it to download again")
+    with atomic_path(dest) as tmp:
+        if src.member is None:
+            shutil.copyfile(blob, tmp)
+        else:
+            with zipfile.ZipFile(blob) as z, z.open(src.member) as m, open(tmp, "wb") as f:
+                shutil.copyfileobj(m, f)
     return dest
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dormant.artifacts import ArtifactError, atomic_write_text, config_key, save_artifact
+from dormant.artifacts import ArtifactError, atomic_write_text, config_key, save_artifact, verify_artifact
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
 from dormant.traces import pack_masks, unpack_masks
@@ -95,6 +95,7 @@ class PairStore:
         from safetensors import safe_open
 
         for path in self.shards(split):
+            _verify_shard(path)
             with safe_open(str(path), framework="pt") as f:
                 yield [f.get_tensor(n) for n in names]
 
@@ -273,16 +274,24 @@ def write_pairs(root: str | Path, inputs: torch.Tensor, masks: torch.Tensor, sel
     return PairStore(root, meta)
 
 
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def _verify_shard(path: Path) -> None:
+    """Check a shard's checksum once per process (readers then load single tensors from it)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        verify_artifact(path, _SHARD_KIND, (1,))
+        _VERIFIED.add(key)
+
+
 def _shard_ok(path: Path, key: str) -> bool:
     if not path.is_file():
         return False
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        return header.get("kind") == _SHARD_KIND and json.loads(header.get("meta", "{}")).get("key") == key
-    except Exception:  # a truncated shard from a crash: rewrite it
+        return verify_artifact(path, _SHARD_KIND, (1,)).get("key") == key
+    except ArtifactError:  # a corrupted shard (e.g. from a crash): rewrite it
         return False
 
 

@@ -16,7 +16,7 @@ T = 4
 
 def _setup():
     xc, _ = synthetic(128, seed=3)
-    return convert(trained(), xc, ConvertConfig()), xc
+    return convert(trained(), xc, ConvertConfig(percentile=99.99, granularity="layer")), xc
 
 
 def _channel_errors(snn, x):

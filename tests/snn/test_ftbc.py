@@ -11,7 +11,7 @@ from .tiny import synthetic, trained
 
 def _snn(pool="avg"):
     xc, _ = synthetic(256, seed=3)
-    return convert(trained(pool), xc, ConvertConfig()), xc
+    return convert(trained(pool), xc, ConvertConfig(percentile=99.99, granularity="layer")), xc
 
 
 def _weights(snn):

@@ -14,7 +14,7 @@ the variants interleaved over ``--reps`` repetitions; tokens/s is one over the m
 time spent inside the FFN containers is reported too (the part the kernel can speed up: the rest of a
 step -- attention, the LM head, Python -- bounds the end-to-end gain). The ``kernel`` tokens must equal
 the ``hooks`` tokens. Then perplexity on ``--ppl-windows`` WikiText-2 test windows: the full-sequence
-thresholded perplexity (:func:`dormant.llm.perplexity.perplexity`, dense prefill with hooks), and the
+thresholded perplexity (:func:`dormant.llm.evaluate.perplexity`, dense prefill with hooks), and the
 same windows decoded token by token with the KV cache through the hooks and through the kernel -- the
 kernel's must equal the hooks' (it is the same computation).
 
@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from dormant.artifacts import append_jsonl
 from dormant.config import add_config_args, config_from_args, field
 from dormant.llm.adapters import ffn_layout
-from dormant.llm.models import ModelConfig, load_model
-from dormant.llm.perplexity import perplexity
+from dormant.llm.configs import EvalConfig, ModelConfig
+from dormant.llm.evaluate import perplexity
+from dormant.llm.models import load_model
 from dormant.llm.sparse_decode import (
     disable_sparse_decode_,
     enable_sparse_decode_,
@@ -51,7 +52,7 @@ from dormant.llm.sparse_decode import (
     sparse_decode_stats,
 )
 from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
-from dormant.llm.text import EvalConfig, load_eval_windows
+from dormant.llm.text import load_eval_windows
 from dormant.llm.thresholds import Thresholds
 from dormant.report import markdown_table, provenance
 

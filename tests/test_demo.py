@@ -2,6 +2,7 @@
 
 import pytest
 
+from dormant.config import UsageError
 from dormant.experiments import demo
 from dormant.experiments.demo import DemoConfig, run_demo
 
@@ -18,24 +19,27 @@ def test_demo_runs_steps_once_and_links_their_reports(tmp_path, monkeypatch):
         (out / "report.md").write_text("# step\n")
         return out / "report.md"
 
-    monkeypatch.setattr(demo, "STEPS", {"a": ("first", fake), "b": ("second", fake)})
-    cfg = DemoConfig(out=str(tmp_path), steps=["a", "b"])
+    monkeypatch.setattr(demo, "STEPS", {"sparsity": ("first", fake), "analysis": ("second", fake)})
+    cfg = DemoConfig(out=str(tmp_path), steps=["sparsity", "analysis"])
     index = run_demo(cfg)
-    assert calls == ["a", "b"]
+    assert calls == ["sparsity", "analysis"]
     text = index.read_text()
-    assert "[a/report.md](a/report.md)" in text and "second" in text
+    assert "[sparsity/report.md](sparsity/report.md)" in text and "second" in text
     run_demo(cfg)  # finished steps are skipped
-    assert calls == ["a", "b"] and len((tmp_path / "steps.jsonl").read_text().splitlines()) == 2
-    run_demo(DemoConfig(out=str(tmp_path), steps=["a"], fresh=True))
-    assert calls == ["a", "b", "a"]
-    with pytest.raises(ValueError, match="choose from a, b"):
-        run_demo(DemoConfig(out=str(tmp_path), steps=["c"]))
+    assert calls == ["sparsity", "analysis"] and len((tmp_path / "steps.jsonl").read_text().splitlines()) == 2
+    run_demo(DemoConfig(out=str(tmp_path), steps=["sparsity"], fresh=True))
+    assert calls == ["sparsity", "analysis", "sparsity"]
+    with pytest.raises(UsageError, match="choose from sparsity, analysis, predictors"):
+        DemoConfig(out=str(tmp_path), steps=["c"])
     with pytest.raises(Exception, match="another configuration"):
-        run_demo(DemoConfig(out=str(tmp_path), steps=["a"], windows=9))
+        run_demo(DemoConfig(out=str(tmp_path), steps=["sparsity"], windows=9))
 
 
 def test_demo_steps_are_the_documented_ones():
-    assert list(demo.STEPS) == ["sparsity", "analysis", "predictors", "offload", "snn", "snn_compare"]
+    from dormant.experiments.configs import DEMO_STEPS
+
+    assert list(demo.STEPS) == list(DEMO_STEPS) == ["sparsity", "analysis", "predictors", "offload", "snn",
+                                                    "snn_compare"]
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,19 @@ from dormant.config import add_config_args, config_from_args, field
 
 def test_import_is_light():
     code = (
-        "import sys, dormant, dormant.llm;"
-        "bad = [m for m in ('transformers', 'matplotlib') if m in sys.modules];"
+        "import sys, dormant, dormant.llm, dormant.llm.predictors, dormant.offload, dormant.snn;"
+        "bad = [m for m in ('torch', 'numpy', 'transformers', 'matplotlib') if m in sys.modules];"
         "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_cli_parses_and_refuses_without_torch():
+    """Parsing and checking flags imports no torch: a refusal is immediate."""
+    code = (
+        "import sys; from dormant.cli import main;"
+        "rc = main(['calibrate', '--sparsity', 'nan']);"
+        "assert rc == 2 and 'torch' not in sys.modules, (rc, 'torch' in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -64,18 +74,19 @@ def test_public_apis_export_verbs_not_internals():
         assert name in dormant.snn.__all__
 
 
-def test_snn_functions_are_not_shadowed_by_submodules():
-    """A package attribute set by importing a submodule must never hide an exported function."""
+@pytest.mark.parametrize("package", ["dormant.llm", "dormant.llm.predictors", "dormant.offload", "dormant.snn"])
+def test_exported_names_are_not_shadowed_by_submodules(package):
+    """Importing a submodule sets it as a package attribute: it must never hide an exported function."""
     import importlib
     import pkgutil
     import types
 
-    import dormant.snn
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{package}.{info.name}")
+    for name in pkg.__all__:
+        assert not isinstance(getattr(pkg, name), types.ModuleType), name
+    if package == "dormant.snn":
+        from dormant.snn import convert
 
-    for info in pkgutil.iter_modules(dormant.snn.__path__):
-        importlib.import_module(f"dormant.snn.{info.name}")
-    for name in dormant.snn.__all__:
-        assert not isinstance(getattr(dormant.snn, name), types.ModuleType), name
-    from dormant.snn import convert
-
-    assert callable(convert) and convert.__module__ == "dormant.snn.conversion"
+        assert callable(convert) and convert.__module__ == "dormant.snn.conversion"

@@ -26,8 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dormant.config import UserError
+
 __all__ = [
     "ArtifactError",
+    "OutputError",
     "config_key",
     "check_writable",
     "atomic_path",
@@ -43,8 +46,12 @@ __all__ = [
 _TMP_SUFFIX = ".tmp"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """An artifact is missing, corrupted, of the wrong kind or version, or does not fit its model."""
+
+
+class OutputError(UserError, OSError):
+    """A result cannot be written where it was asked to go (the message names that place, not a temp file)."""
 
 
 def config_key(config: Any, digits: int = 12) -> str:
@@ -102,17 +109,17 @@ def check_writable(path: str | os.PathLike, what: str = "output file") -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is an existing directory; give a file path")
+        raise OutputError(f"{what} {path} is an existing directory; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot create the folder of {what} {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot create the folder of {what} {path}: {e.strerror or e}") from None
     if not path.parent.is_dir():
-        raise NotADirectoryError(f"{what} {path}: {path.parent} is not a directory")
+        raise OutputError(f"{what} {path}: {path.parent} is not a directory")
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what} {path}: the folder {path.parent} is not writable")
+        raise OutputError(f"{what} {path}: the folder {path.parent} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
-        raise PermissionError(f"{what} {path} exists and is not writable")
+        raise OutputError(f"{what} {path} exists and is not writable")
     return path
 
 
@@ -128,7 +135,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -139,7 +146,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except OSError as e:
-            raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():

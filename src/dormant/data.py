@@ -22,12 +22,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dormant.config import UserError
+
 __all__ = ["DataSource", "DataNotFoundError", "SOURCES", "resolve", "data_roots", "cache_dir"]
 
 log = logging.getLogger(__name__)
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """A data file or folder could not be found locally nor downloaded."""
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dormant.llm.adapters import Tap, ffn_layout
-from dormant.llm.perplexity import perplexity
+from dormant.llm.evaluate import perplexity
 from dormant.llm.sites import site_taps
 from dormant.llm.sparsify import measure_sparsity, sparsify_, unsparsify_
 from dormant.llm.stats import StatsConfig, collect_stats

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dormant.llm.adapters import UnsupportedModelError, ffn_layout
-from dormant.llm.calibrate import CalibrationConfig, calibrate
+from dormant.llm.calibration import calibrate
+from dormant.llm.configs import CalibrationConfig
 from dormant.llm.sparse_decode import (
     SparseDecodeError,
     SparseDecodeMLP,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from dormant.cli.checks import check_artifact, check_artifacts, check_seqlens, model_context
 from dormant.config import add_config_args, config_from_args
-from dormant.experiments.analysis import AccountConfig, AnalyzeConfig
-from dormant.llm.models import ModelConfig
-from dormant.llm.text import CalibDataConfig, EvalConfig
+from dormant.experiments.configs import AccountConfig, AnalyzeConfig
+from dormant.llm.configs import CalibDataConfig, EvalConfig, ModelConfig, check_calibration_text
 
 # Analysis defaults that differ from the evaluation/calibration defaults: a few windows suffice.
 ANALYZE_DEFAULTS = {"max_windows": 2, "calib_windows": 8}
@@ -32,21 +32,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _analyze(ns: argparse.Namespace) -> int:
-    from dormant.experiments.analysis import run_analysis
-
     cfg = config_from_args(
         AnalyzeConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibDataConfig, ns),
         eval=config_from_args(EvalConfig, ns),
     )
+    check_calibration_text(cfg.calib, cfg.eval)
+    check_seqlens(model_context(cfg.model), seqlen=cfg.eval.seqlen, calib_seqlen=cfg.calib.calib_seqlen)
+    check_artifacts(cfg.stats, "stats", "stats")
+
+    from dormant.experiments.analysis import run_analysis
+
     print(f"report: {run_analysis(cfg)}")
     return 0
 
 
 def _account(ns: argparse.Namespace) -> int:
+    cfg, mc, ec = (config_from_args(c, ns) for c in (AccountConfig, ModelConfig, EvalConfig))
+    check_seqlens(model_context(mc), seqlen=None if cfg.mid_trace else ec.seqlen)
+    check_artifact(cfg.thresholds, "thresholds", "thresholds")
+    for flag in ("mid_trace", "act_trace", "predicted"):
+        check_artifact(getattr(cfg, flag), "trace", flag.replace("_", "-"))
+
     from dormant.experiments.analysis import run_account
 
-    cfg = config_from_args(AccountConfig, ns)
-    costs = run_account(config_from_args(ModelConfig, ns), config_from_args(EvalConfig, ns), cfg)
+    costs = run_account(mc, ec, cfg)
     rows = [{"policy": c.policy, "format": c.format, "bytes_per_token": round(c.bytes_per_token, 1),
              "rel_bytes": round(c.rel_bytes, 4), "rel_flops": round(c.rel_flops, 4)} for c in costs]
     print(json.dumps(rows, indent=1))

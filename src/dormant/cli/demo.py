@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dormant.config import add_config_args, config_from_args
-from dormant.experiments.demo import DemoConfig
+from dormant.experiments.configs import DemoConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(DemoConfig, ns)
+
     from dormant.experiments.demo import run_demo
 
-    report = run_demo(config_from_args(DemoConfig, ns))
+    report = run_demo(cfg)
     print(f"demo report: {report}")
     return 0

@@ -9,27 +9,36 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from dormant.config import add_config_args, config_from_args, field
-from dormant.experiments.sparsity import SweepConfig
-from dormant.llm.calibrate import CalibrationConfig
-from dormant.llm.models import ModelConfig
-from dormant.llm.text import CalibDataConfig, EvalConfig
+from dormant.cli.checks import check_artifact, check_seqlens, model_context
+from dormant.config import add_config_args, checked, config_from_args, field, in_file, out_file
+from dormant.experiments.configs import SweepConfig
+from dormant.llm.configs import (
+    CalibDataConfig,
+    CalibrationConfig,
+    EvalConfig,
+    ModelConfig,
+    check_calibration_text,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+@checked
 class CalibrateOutputConfig:
-    out: str = field("runs/thresholds.safetensors", help="where to write the Thresholds artifact")
-    stats_out: str | None = field(None, help="also save the activation statistics (any target can be read later)")
-    sens_windows: int = field(2, help="calibration windows for the sensitivity profile (--allocation sensitivity)")
-    sens_seqlen: int = field(512, help="tokens per sensitivity window")
+    out: str = field("runs/thresholds.safetensors", help="where to write the Thresholds artifact", check=out_file)
+    stats_out: str | None = field(None, help="also save the activation statistics (any target can be read later)",
+                                  check=out_file)
+    sens_windows: int = field(2, help="calibration windows for the sensitivity profile (--allocation sensitivity)",
+                              ge=1)
+    sens_seqlen: int = field(512, help="tokens per sensitivity window", ge=2)
 
 
 @dataclass
+@checked
 class EvalCommandConfig:
-    thresholds: str | None = field(None, help="Thresholds artifact to apply (dense if unset)")
-    json_out: str | None = field(None, help="write the result as JSON here")
+    thresholds: str | None = field(None, help="Thresholds artifact to apply (dense if unset)", check=in_file)
+    json_out: str | None = field(None, help="write the result as JSON here", check=out_file)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,15 +61,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
-    from dormant.llm.calibrate import calibrate
+    mc, dc, ec, oc = (config_from_args(c, ns) for c in (ModelConfig, CalibDataConfig, EvalConfig,
+                                                        CalibrateOutputConfig))
+    cc = config_from_args(CalibrationConfig, ns, batch_size=ec.batch_size)
+    check_calibration_text(dc, ec)
+    check_seqlens(model_context(mc), calib_seqlen=dc.calib_seqlen, seqlen=ec.seqlen if dc.calib_on_eval else None,
+                  sens_seqlen=oc.sens_seqlen if cc.allocation == "sensitivity" else None)
+
+    from dormant.llm.calibration import calibrate
     from dormant.llm.models import load_model
     from dormant.llm.sites import site_taps
     from dormant.llm.stats import StatsConfig, collect_stats
     from dormant.llm.text import calib_description, load_calib_windows, load_text, make_windows
 
-    mc, dc, ec, oc = (config_from_args(c, ns) for c in (ModelConfig, CalibDataConfig, EvalConfig,
-                                                        CalibrateOutputConfig))
-    cc = config_from_args(CalibrationConfig, ns, batch_size=ec.batch_size)
     model, tok, info = load_model(mc)
     cal = load_calib_windows(tok, dc, ec)
     desc = calib_description(dc, cal)
@@ -81,18 +94,24 @@ def _calibrate(ns: argparse.Namespace) -> int:
                      indent=1))
     if dc.calib_on_eval:
         print("NOTE: calibrated on the evaluation text (--calib-on-eval, the paper's protocol); not held-out.")
+    bad = int(thr.nonfinite.sum())
+    if bad:
+        log.warning("%d NaN/Inf activations were seen during calibration and left out of the thresholds", bad)
     return 0
 
 
 def _eval(ns: argparse.Namespace) -> int:
+    mc, ec, xc = (config_from_args(c, ns) for c in (ModelConfig, EvalConfig, EvalCommandConfig))
+    check_seqlens(model_context(mc), seqlen=ec.seqlen)
+    check_artifact(xc.thresholds, "thresholds", "thresholds")
+
     from dormant.artifacts import atomic_write_text
+    from dormant.llm.evaluate import perplexity
     from dormant.llm.models import load_model
-    from dormant.llm.perplexity import perplexity
     from dormant.llm.sparsify import measure_sparsity, sparsified
     from dormant.llm.text import load_eval_windows
     from dormant.llm.thresholds import Thresholds
 
-    mc, ec, xc = (config_from_args(c, ns) for c in (ModelConfig, EvalConfig, EvalCommandConfig))
     thr = Thresholds.load(xc.thresholds) if xc.thresholds else None
     model, tok, info = load_model(mc)
     ev = load_eval_windows(tok, ec)
@@ -109,12 +128,16 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from dormant.experiments.sparsity import run_sparsity_sweep
-
     cfg = config_from_args(
         SweepConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibDataConfig, ns),
         eval=config_from_args(EvalConfig, ns),
     )
+    check_calibration_text(cfg.calib, cfg.eval)
+    check_seqlens(model_context(cfg.model), seqlen=cfg.eval.seqlen, calib_seqlen=cfg.calib.calib_seqlen,
+                  sens_seqlen=cfg.sens_seqlen if "sensitivity" in cfg.allocation else None)
+
+    from dormant.experiments.sparsity import run_sparsity_sweep
+
     run_sparsity_sweep(cfg)
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0

@@ -7,11 +7,11 @@ import argparse
 import json
 from pathlib import Path
 
+from dormant.cli.checks import check_artifact, check_seqlens, model_context
 from dormant.config import add_config_args, config_from_args
-from dormant.experiments.offload import SimulateConfig, StorageCheckConfig, TraceConfig
-from dormant.llm.models import ModelConfig
-from dormant.llm.text import EvalConfig
-from dormant.offload.layout import StorageLayout
+from dormant.experiments.configs import SimulateConfig, StorageCheckConfig, TraceConfig
+from dormant.llm.configs import EvalConfig, ModelConfig
+from dormant.offload.configs import StorageLayout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _trace(ns: argparse.Namespace) -> int:
+    mc, ec, tc = (config_from_args(c, ns) for c in (ModelConfig, EvalConfig, TraceConfig))
+    check_seqlens(model_context(mc), seqlen=ec.seqlen)
+    check_artifact(tc.thresholds, "thresholds", "thresholds")
+
     from dormant.experiments.offload import record_trace
 
-    mc, ec, tc = (config_from_args(c, ns) for c in (ModelConfig, EvalConfig, TraceConfig))
     trace = record_trace(mc, ec, tc)
     print(json.dumps({"trace": tc.out, "tokens": trace.n_tokens, "layers": trace.n_layers,
                       "neurons": trace.n_neurons, "density": float(trace.density().mean())}, indent=1))
@@ -45,9 +48,12 @@ def _trace(ns: argparse.Namespace) -> int:
 
 
 def _simulate(ns: argparse.Namespace) -> int:
+    cfg, layout = config_from_args(SimulateConfig, ns), config_from_args(StorageLayout, ns)
+    check_artifact(cfg.trace, "trace", "trace")
+    check_artifact(None if cfg.predicted == "synthetic" else cfg.predicted, "trace", "predicted")
+
     from dormant.experiments.offload import run_simulation
 
-    cfg, layout = config_from_args(SimulateConfig, ns), config_from_args(StorageLayout, ns)
     run_simulation(cfg, layout)
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0
@@ -69,8 +75,11 @@ def _profiles(ns: argparse.Namespace) -> int:
 
 
 def _storage_check(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(StorageCheckConfig, ns)
+    check_artifact(cfg.trace, "trace", "trace")
+
     from dormant.experiments.offload import storage_check
 
-    report = storage_check(config_from_args(StorageCheckConfig, ns))
+    report = storage_check(cfg)
     print(f"report: {report}")
     return 0

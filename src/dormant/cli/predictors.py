@@ -10,18 +10,16 @@ import argparse
 import json
 from pathlib import Path
 
+from dormant.cli.checks import check_artifact, check_artifacts, check_seqlens, model_context
 from dormant.config import add_config_args, config_from_args
-from dormant.experiments.predictors import (
+from dormant.experiments.configs import (
     FitRunConfig,
     PairsConfig,
     PredictabilityConfig,
     PredictorEvalConfig,
 )
-from dormant.llm.models import ModelConfig
-from dormant.llm.predictors.cluster import ClusterConfig
-from dormant.llm.predictors.early_layer import EarlyLayerConfig
-from dormant.llm.predictors.lowrank import LowRankConfig
-from dormant.llm.text import EvalConfig
+from dormant.llm.configs import EvalConfig, ModelConfig
+from dormant.llm.predictors.configs import ClusterConfig, EarlyLayerConfig, LowRankConfig
 
 KIND_CONFIGS = {"lowrank": ("lowrank-", LowRankConfig), "early_layer": ("early-layer-", EarlyLayerConfig),
                 "cluster": ("cluster-", ClusterConfig)}
@@ -51,31 +49,44 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fit(ns: argparse.Namespace) -> int:
+    run, mc, pc = (config_from_args(c, ns) for c in (FitRunConfig, ModelConfig, PairsConfig))
+    prefix, cls = KIND_CONFIGS[run.kind]
+    kind_cfg = config_from_args(cls, ns, prefix=prefix)
+    collecting = not (Path(pc.pairs) / "pairs.json").is_file()  # an existing store was cut when it was collected
+    check_seqlens(model_context(mc), train_seqlen=pc.train_seqlen if collecting else None)
+    check_artifact(run.thresholds, "thresholds", "thresholds")
+    check_artifact(run.init, "predictor", "init")
+
     from dormant.experiments.predictors import fit_predictor
 
-    run = config_from_args(FitRunConfig, ns)
-    prefix, cls = KIND_CONFIGS[run.kind]
-    rec = fit_predictor(config_from_args(ModelConfig, ns), config_from_args(PairsConfig, ns), run,
-                        config_from_args(cls, ns, prefix=prefix))
+    rec = fit_predictor(mc, pc, run, kind_cfg)
+    scores = rec["heldout"] or rec["select"]
     print(json.dumps({"predictor": rec["path"], "record": str(Path(rec["path"]).with_suffix(".json")),
-                      "heldout": rec["heldout"]["overall"], "cost": rec["predictor"]["cost"]}, indent=1))
+                      "heldout" if rec["heldout"] else "select (no held-out windows)": scores["overall"],
+                      "cost": rec["predictor"]["cost"]}, indent=1))
     return 0
 
 
 def _eval(ns: argparse.Namespace) -> int:
+    cfg, mc, ec = (config_from_args(c, ns) for c in (PredictorEvalConfig, ModelConfig, EvalConfig))
+    check_seqlens(model_context(mc), seqlen=None if cfg.select_pairs else ec.seqlen)
+    check_artifact(cfg.thresholds, "thresholds", "thresholds")
+    check_artifacts(cfg.predictors, "predictor", "predictors")
+
     from dormant.experiments.predictors import evaluate_predictors
 
-    cfg = config_from_args(PredictorEvalConfig, ns)
-    evaluate_predictors(config_from_args(ModelConfig, ns), config_from_args(EvalConfig, ns), cfg)
+    evaluate_predictors(mc, ec, cfg)
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0
 
 
 def _predictability(ns: argparse.Namespace) -> int:
+    cfg, mc, ec = (config_from_args(c, ns) for c in (PredictabilityConfig, ModelConfig, EvalConfig))
+    check_seqlens(model_context(mc), seqlen=ec.seqlen)
+    check_artifact(ns.thresholds, "thresholds", "thresholds")
+
     from dormant.experiments.predictors import run_predictability_study
 
-    cfg = config_from_args(PredictabilityConfig, ns)
-    report = run_predictability_study(config_from_args(ModelConfig, ns), config_from_args(EvalConfig, ns),
-                                      ns.thresholds, cfg)
+    report = run_predictability_study(mc, ec, ns.thresholds, cfg)
     print(f"report: {report}")
     return 0

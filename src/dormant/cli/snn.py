@@ -6,31 +6,38 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
-from dormant.config import add_config_args, config_from_args, field
-from dormant.experiments.qcfs import QCFSTrainConfig
-from dormant.experiments.snn import RunConfig
-from dormant.snn.configs import ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig
+from dormant.cli.checks import check_artifact
+from dormant.config import add_config_args, checked, config_from_args, field
+from dormant.experiments.configs import QCFSTrainConfig, RunConfig
+from dormant.snn.configs import CALIBRATION_NAMES, ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig
 
 
 @dataclass
+@checked
 class ConvertCommandConfig:
-    T: int = field(32, help="time steps")
-    calibrate: str = field("ftbc", help="calibration method: none | bc | pc | rts | ftbc")
+    T: int = field(32, help="time steps", ge=1)
+    calibrate: str = field("ftbc", help="calibration method: none | bc | pc | rts | ftbc", choices=CALIBRATION_NAMES)
 
 
 @dataclass
+@checked
 class SweepCommandConfig:
-    T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="time steps to report")
-    methods: list[str] = field(default_factory=lambda: ["none", "ftbc"], help="calibration methods")
+    T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="time steps to report", ge=1,
+                         nonempty=True)
+    methods: list[str] = field(default_factory=lambda: ["none", "ftbc"], help="calibration methods",
+                               choices=CALIBRATION_NAMES, nonempty=True)
 
 
 @dataclass
+@checked
 class ReportCommandConfig:
-    T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="time steps to report")
+    T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], help="time steps to report", ge=1,
+                         nonempty=True)
     methods: list[str] = field(default_factory=lambda: ["none", "bc", "pc", "rts", "ftbc"],
-                               help="calibrations of the ReLU network")
-    qcfs_methods: list[str] = field(default_factory=lambda: ["none", "ftbc"],
+                               help="calibrations of the ReLU network", choices=CALIBRATION_NAMES, nonempty=True)
+    qcfs_methods: list[str] = field(default_factory=lambda: ["none", "ftbc"], choices=CALIBRATION_NAMES,
                                     help="calibrations of the QCFS network (with --qcfs)")
 
 
@@ -64,8 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _configs(ns: argparse.Namespace) -> tuple[RunConfig, ConvertConfig, FTBCConfig]:
-    return (config_from_args(RunConfig, ns), config_from_args(ConvertConfig, ns),
-            config_from_args(FTBCConfig, ns, prefix="ftbc-"))
+    run = config_from_args(RunConfig, ns)
+    check_artifact(run.qcfs, "qcfs", "qcfs")
+    return run, config_from_args(ConvertConfig, ns), config_from_args(FTBCConfig, ns, prefix="ftbc-")
 
 
 def _corr(ns: argparse.Namespace) -> CorrectionConfig:
@@ -73,43 +81,46 @@ def _corr(ns: argparse.Namespace) -> CorrectionConfig:
 
 
 def _convert(ns: argparse.Namespace) -> int:
-    from pathlib import Path
+    cc = config_from_args(ConvertCommandConfig, ns)
+    run, conv, ftbc = _configs(ns)
+    corr = _corr(ns)
 
     from dormant.experiments.snn import run_snn_sweep
 
-    cc = config_from_args(ConvertCommandConfig, ns)
-    run, conv, ftbc = _configs(ns)
-    run_snn_sweep(run, conv, ftbc, T=[cc.T], methods=[cc.calibrate], save_network=True, corr=_corr(ns))
+    run_snn_sweep(run, conv, ftbc, T=[cc.T], methods=[cc.calibrate], save_network=True, corr=corr)
     print(f"report: {Path(run.out) / 'report.md'}\nnetwork: {Path(run.out) / f'snn_{cc.calibrate}_T{cc.T}.safetensors'}")
     return 0
 
 
 def _sweep(ns: argparse.Namespace) -> int:
-    from pathlib import Path
+    sc = config_from_args(SweepCommandConfig, ns)
+    run, conv, ftbc = _configs(ns)
+    corr = _corr(ns)
 
     from dormant.experiments.snn import run_snn_sweep
 
-    sc = config_from_args(SweepCommandConfig, ns)
-    run, conv, ftbc = _configs(ns)
-    run_snn_sweep(run, conv, ftbc, T=sc.T, methods=sc.methods, corr=_corr(ns))
+    run_snn_sweep(run, conv, ftbc, T=sc.T, methods=sc.methods, corr=corr)
     print(f"report: {Path(run.out) / 'report.md'}")
     return 0
 
 
 def _report(ns: argparse.Namespace) -> int:
-    from dormant.experiments.snn_report import run_report
-
     rc = config_from_args(ReportCommandConfig, ns)
     run, conv, ftbc = _configs(ns)
-    path = run_report(run, conv, ftbc, _corr(ns), config_from_args(EnergyConfig, ns, prefix="energy-"), T=rc.T,
-                      methods=rc.methods, qcfs_methods=rc.qcfs_methods)
+    corr, energy = _corr(ns), config_from_args(EnergyConfig, ns, prefix="energy-")
+
+    from dormant.experiments.snn_report import run_report
+
+    path = run_report(run, conv, ftbc, corr, energy, T=rc.T, methods=rc.methods, qcfs_methods=rc.qcfs_methods)
     print(f"report: {path}")
     return 0
 
 
 def _train_qcfs(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(QCFSTrainConfig, ns)
+
     from dormant.experiments.qcfs import train_qcfs
 
-    path = train_qcfs(config_from_args(QCFSTrainConfig, ns))
+    path = train_qcfs(cfg)
     print(f"QCFS model: {path}")
     return 0

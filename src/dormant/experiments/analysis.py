@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dormant.config import field
+from dormant.experiments.configs import AccountConfig, AnalyzeConfig
 from dormant.llm.accounting import (
     ARCHS,
     FORMATS,
@@ -30,10 +30,9 @@ from dormant.llm.accounting import (
     policy_costs,
 )
 from dormant.llm.adapters import FFNLayout, ffn_layout
-from dormant.llm.analyze import DEFAULT_EPS, NaturalSparsity, WeightStats, analyze_activations, weight_stats
-from dormant.llm.models import ModelConfig
+from dormant.llm.analyze import NaturalSparsity, WeightStats, analyze_activations, weight_stats
+from dormant.llm.configs import CalibDataConfig, EvalConfig, ModelConfig
 from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats
-from dormant.llm.text import CalibDataConfig, EvalConfig
 from dormant.report import csv_text
 
 log = logging.getLogger(__name__)
@@ -72,30 +71,6 @@ def _account_point(model, windows, thr, dims: FFNDims, formats, max_tokens, mode
 
 # ----------------------------------------------------------------------------------------------------
 # The report
-
-
-@dataclass
-class AnalyzeConfig:
-    model: ModelConfig
-    calib: CalibDataConfig
-    eval: EvalConfig
-    eps: list[float] = field(default_factory=lambda: list(DEFAULT_EPS),
-                              help="natural sparsity: |a| <= eps thresholds (exact zeros are always counted)")
-    sites: list[str] = field(default_factory=lambda: ["paper", "intermediate", "gate_act"],
-                              help="sites whose thresholds are plotted and accounted")
-    sparsity: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9],
-                                   help="target sparsities of the accounting sweep")
-    stats: list[str] = field(default_factory=list,
-                              help="calibration ActivationStats artifacts (dormant calibrate --stats-out); "
-                                   "sites they do not cover are calibrated in one extra pass")
-    formats: list[str] = field(default_factory=lambda: list(FORMATS), help="weight formats: fp32,fp16,int8,int4")
-    max_tokens: int = field(2048, help="tokens traced per accounting point")
-    account: bool = field(True, help="run the accounting sweep")
-    strawman: bool = field(True, help="also account a previous-token 'predictor' (zero cost) as 'predicted'")
-    save_traces: list[float] = field(default_factory=lambda: [0.5],
-                                      help="save the MID/ACT traces of these targets (for predictors)")
-    out: str = field("runs/analysis", help="output folder")
-    progress: bool = field(True, help="show progress bars")
 
 
 def _calibration_stats(model, tok, info, cfg: AnalyzeConfig, layout: FFNLayout, ev) -> dict[str, ActivationStats]:
@@ -559,21 +534,6 @@ def plot_accounting(records: list[dict[str, Any]], path: Path, key: str, fmt: st
 
 # ----------------------------------------------------------------------------------------------------
 # `dormant account`: one point, from traces or from a model + thresholds
-
-
-@dataclass
-class AccountConfig:
-    thresholds: str | None = field(None, help="Thresholds artifact applied while tracing (dense if unset)")
-    mid_trace: str | None = field(None, help="use this MID ActivationTrace instead of tracing the model")
-    act_trace: str | None = field(None, help="ACT trace aligned with --mid-trace (enables gate_first)")
-    predicted: str | None = field(None, help="predicted ActivationTrace aligned with the MID trace")
-    predictor_bytes: float = field(0.0, help="predictor weight bytes read per token (all layers)")
-    predictor_flops: float = field(0.0, help="predictor FLOPs per token (all layers)")
-    formats: list[str] = field(default_factory=lambda: list(FORMATS), help="weight formats")
-    max_tokens: int = field(2048, help="tokens to trace")
-    save_traces: str | None = field(None, help="folder to save the traces collected here")
-    out: str = field("runs/account", help="output folder (account.json, account.csv, account.md)")
-    progress: bool = field(True, help="show progress bars")
 
 
 def run_account(model_cfg: ModelConfig, eval_cfg: EvalConfig, cfg: AccountConfig) -> list[PolicyCost]:

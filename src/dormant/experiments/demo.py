@@ -20,35 +20,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from dormant.config import field
+from dormant.experiments.configs import DemoConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DemoConfig:
-    out: str = field("runs/demo", help="output folder of the demo")
-    steps: list[str] = field(default_factory=lambda: list(STEPS), help="steps to run: " + ", ".join(
-        ["sparsity", "analysis", "predictors", "offload", "snn", "snn_compare"]))
-    model: str = field("smollm2-135m", help="LLM of the sparsity, analysis, predictor and offload steps")
-    windows: int = field(4, help="evaluation windows per sweep point")
-    seqlen: int = field(512, help="tokens per window")
-    snn_images: int = field(100, help="ResNet-20 step: test images (and as many calibration and held-out images)")
-    snn_T: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16], help="ResNet-20 step: time steps")
-    compare_images: int = field(200, help="LeNet comparison step: test images (and as many for calibration, "
-                                          "held-out selection and QCFS monitoring)")
-    compare_T: list[int] = field(default_factory=lambda: [1, 2, 4, 8], help="LeNet comparison step: time steps")
-    qcfs_images: int = field(2000, help="LeNet comparison step: MNIST training images for the QCFS fine-tuning")
-    fresh: bool = field(False, help="rerun steps that already finished")
-
-
 def _sparsity(cfg: DemoConfig, out: Path) -> Path:
     from dormant.experiments.sparsity import SweepConfig, run_sparsity_sweep
-    from dormant.llm.models import ModelConfig
-    from dormant.llm.text import CalibDataConfig, EvalConfig
+    from dormant.llm.configs import CalibDataConfig, EvalConfig, ModelConfig
 
     run_sparsity_sweep(SweepConfig(
         model=ModelConfig(cfg.model),
@@ -94,7 +76,7 @@ def _snn_compare(cfg: DemoConfig, out: Path) -> Path:
     return run_report_demo(out, images=cfg.compare_images, T=cfg.compare_T, qcfs_images=cfg.qcfs_images)
 
 
-STEPS: dict[str, tuple[str, Callable[[DemoConfig, Path], Path]]] = {
+STEPS: dict[str, tuple[str, Callable[[DemoConfig, Path], Path]]] = {  # names: configs.DEMO_STEPS
     "sparsity": ("SmolLM2-135M sparsity vs WikiText-2 perplexity", _sparsity),
     "analysis": ("What sparsity buys: natural sparsity and FFN bytes/FLOPs per token", _analysis),
     "predictors": ("Predicting active neurons before their weights are loaded", _predictors),

@@ -20,13 +20,13 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dormant.config import field
+from dormant.experiments.configs import SimulateConfig, StorageCheckConfig, TraceConfig
 from dormant.offload.layout import ItemLayout, StorageLayout
 from dormant.offload.policies import parse_policy
 from dormant.offload.profiles import DeviceProfile, load_profile
@@ -41,33 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["SimulateConfig", "run_simulation", "write_report", "TraceConfig", "record_trace", "StorageCheckConfig",
            "storage_check", "run_offload_demo"]
 
-DEFAULT_POLICIES = ["dense", "demand", "window", "hot", "lru", "lfu", "prefetch-oracle"]
-
-
-@dataclass
-class SimulateConfig:
-    trace: str = field("runs/offload/trace.safetensors", help="oracle ActivationTrace (dormant trace)")
-    predicted: str | None = field(None, help="predicted trace aligned with the oracle, or 'synthetic'")
-    synthetic_fn: float = field(0.05, help="synthetic predictor: share of active neurons missed")
-    synthetic_fp: float = field(0.07, help="synthetic predictor: false positives per active neuron")
-    predictor_bytes: float | None = field(None, help="predictor weights read per token (default: from the "
-                                                     "predicted trace's source, else 0)")
-    profiles: list[str] = field(default_factory=lambda: ["rpi5-microsd", "rpi5-nvme"],
-                                help="device profiles: shipped names or YAML paths")
-    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES),
-                                help="policies: presets or preset:key=value specs")
-    budgets: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0],
-                                 help="DRAM for FFN weights, as fractions of the FFN bytes")
-    weight_format: str = field("fp16", help="stored weight format: trace | fp32 | fp16 | bf16 | int8 | int4")
-    queue_depth: int | None = field(None, help="reads in flight (default: the device maximum)")
-    profile_fraction: float = field(0.25, help="leading share of the trace used only to profile hot neurons")
-    warmup: int = field(32, help="simulated tokens left out of the statistics (cold caches)")
-    max_tokens: int | None = field(None, help="use at most this many tokens of the trace")
-    attn_params: int | None = field(None, help="resident non-FFN parameters per layer (default: from the trace, "
-                                               "else 4*D^2)")
-    head_params: int | None = field(None, help="LM-head parameters read per token (default: from the trace, "
-                                               "else vocab*D)")
-    out: str = field("runs/offload/sim", help="output folder")
 
 
 def _predictor_cost(cfg: SimulateConfig, predicted: ActivationTrace | None) -> tuple[float, float]:
@@ -268,13 +241,6 @@ def write_report(out: Path, records: list[dict[str, Any]], meta: dict[str, Any],
     return write_markdown(out / "report.md", "\n".join(lines))
 
 
-@dataclass
-class TraceConfig:
-    thresholds: str | None = field(None, help="Thresholds artifact to apply before recording (dense if unset)")
-    max_tokens: int = field(4096, help="tokens to record (from the start of the evaluation text)")
-    out: str = field("runs/offload/trace.safetensors", help="where to write the ActivationTrace")
-
-
 def record_trace(model_cfg, eval_cfg, cfg: TraceConfig, progress: bool = True) -> ActivationTrace:
     """Record an oracle trace: a real text pass of a (thresholded) model, with its FFN geometry and dtype.
 
@@ -302,24 +268,6 @@ def record_trace(model_cfg, eval_cfg, cfg: TraceConfig, progress: bool = True) -
                               progress=progress)
     trace.save(cfg.out)
     return trace
-
-
-@dataclass
-class StorageCheckConfig:
-    path: str = field("runs/offload/storage-check.bin", help="weight file to write and read (put it on the disk "
-                                                             "to test)")
-    trace: str | None = field(None, help="oracle trace whose demand loads are replayed (default: synthetic, "
-                                         "SmolLM2-135M geometry, density 0.5)")
-    batches: int = field(60, help="(token, layer) batches replayed per setting")
-    chunks: list[int] = field(default_factory=lambda: [1, 8], help="chunk sizes (neurons) to replay")
-    queue_depths: list[int] = field(default_factory=lambda: [1, 8], help="queue depths to replay")
-    weight_format: str = field("fp16", help="stored weight format")
-    fit_reads: int = field(1500, help="4 KiB random reads per IOPS microbenchmark")
-    seed: int = field(0, help="seed for batch and offset choice")
-    keep_file: bool = field(False, help="keep the weight file afterwards")
-    out: str = field("runs/offload/storage-check", help="output folder (report.md, results.json, "
-                                                        "this-machine.yaml, check.png)")
-
 
 
 def storage_check(cfg: StorageCheckConfig) -> Path:
@@ -411,7 +359,8 @@ def run_offload_demo(out: str | Path = "runs/demo/offload", tokens: int = 512, t
     WikiText-2 validation tokens (and says so); records ``tokens`` tokens of WikiText-2 test, and simulates dense,
     demand, window, hot, LRU and a synthetic predictor (5% FN, 7% FP) at 10/25/50/100% budgets.
     """
-    from dormant.llm.calibrate import CalibrationConfig, calibrate
+    from dormant.llm.calibration import calibrate
+    from dormant.llm.configs import CalibrationConfig
     from dormant.llm.masks import collect_trace, resident_params
     from dormant.llm.models import load_model
     from dormant.llm.sparsify import sparsified

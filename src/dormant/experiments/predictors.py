@@ -30,18 +30,18 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dormant.artifacts import ArtifactError, atomic_write_text
-from dormant.config import field
+from dormant.experiments.configs import FitRunConfig, PairsConfig, PredictabilityConfig, PredictorEvalConfig
 from dormant.experiments.ledger import Ledger, config_key
-from dormant.llm.predictors.base import PREDICTORS, Predictor, evaluate_on_store, load_predictor
+from dormant.llm.predictors.base import Predictor, evaluate_on_store
 from dormant.llm.predictors.data import PairStore, collect_pairs, tensor_sha
 from dormant.llm.predictors.predictability import (
     METRICS,
@@ -51,50 +51,13 @@ from dormant.llm.predictors.predictability import (
     perturb,
     perturbation_plan,
 )
+from dormant.llm.predictors.registry import load_predictor, predictor_class
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PairsConfig", "FitRunConfig", "PredictorEvalConfig", "PredictabilityConfig", "open_or_collect_pairs",
            "fit_predictor", "evaluate_predictors", "evaluate_loaded", "write_eval_report", "run_predictability",
            "run_predictability_study", "write_predictability_report", "run_predictor_demo"]
-
-
-@dataclass
-class PairsConfig:
-    pairs: str = field("runs/predictors/pairs", help="pair-store folder (collected once, reused when it matches)")
-    train_data: str = field("wikitext2-valid", help="calibration text the pairs come from (not the evaluation text)")
-    train_windows: int = field(16, help="windows of calibration text: train, then --select-windows, then "
-                                         "--heldout-windows")
-    train_seqlen: int = field(2048, help="tokens per calibration window")
-    select_windows: int = field(3, help="selection windows: early stopping, decision thresholds, model selection")
-    heldout_windows: int = field(2, help="held-out windows: never used to choose anything; fit reports its scores "
-                                         "on them")
-
-
-@dataclass
-class FitRunConfig:
-    kind: Literal["lowrank", "early_layer", "cluster"] = field("lowrank", help="predictor to train")
-    thresholds: str | None = field(None, help="Thresholds artifact defining the active neurons (required)")
-    out: str = field("runs/predictors/lowrank.safetensors", help="where to write the predictor")
-    init: str | None = field(None, help="re-choose only the decision thresholds of this saved predictor "
-                                        "(recall / density-ratio flags of its kind), no retraining")
-    guard: int | None = field(None, help="always predict active the k neurons per layer with the largest "
-                                         "gate x up row norms (0: none; unset: none, or keep --init's)")
-    progress: bool = field(True, help="show progress bars")
-
-
-@dataclass
-class PredictorEvalConfig:
-    predictors: list[str] = field(default_factory=list, help="saved predictors to evaluate (paths)")
-    thresholds: str | None = field(None, help="Thresholds artifact the predictors were trained under (required)")
-    out: str = field("runs/predictors/eval", help="output folder (results.jsonl, report.md, CSV, plots)")
-    dense: bool = field(True, help="also measure the dense model's perplexity")
-    closed_loop: bool = field(True, help="perplexity with each predictor's masks applied")
-    save_traces: bool = field(False, help="write the oracle trace and each predictor's predicted trace "
-                                          "(open loop, token-aligned) under <out>/traces/")
-    select_pairs: str | None = field(None, help="score on the selection windows of this pair store (model "
-                                                "selection, e.g. the guard size) instead of the evaluation text")
-    progress: bool = field(True, help="show progress bars")
 
 
 def _sha(path: str | Path) -> str:
@@ -160,8 +123,7 @@ def fit_predictor(model_cfg, pairs_cfg: PairsConfig, run: FitRunConfig, kind_cfg
 
     if run.thresholds is None:
         raise ValueError("predictor fit needs --thresholds (the active neurons are defined by them)")
-    if run.kind not in PREDICTORS:
-        raise ValueError(f"unknown predictor {run.kind!r}; choose from {', '.join(PREDICTORS)}")
+    predictor_class(run.kind)  # an unknown kind fails before any work
     store = open_or_collect_pairs(model_cfg, pairs_cfg, run.thresholds, run.progress, loaded)
     out = Path(run.out)
     t0 = time.perf_counter()
@@ -212,7 +174,7 @@ def _fit_resumably(store: PairStore, run: FitRunConfig, kind_cfg: Any, out: Path
     layers both hold. The ledger key is the predictor's kind and hyperparameters and the pair store's key."""
     from tqdm.auto import tqdm
 
-    cls = PREDICTORS[run.kind]
+    cls = predictor_class(run.kind)
     pred = cls.for_store(store, kind_cfg)
     if not _per_layer_fit(pred):
         pred.fit(store, progress=run.progress)
@@ -272,7 +234,7 @@ def evaluate_loaded(
         key: identity of model, text and thresholds; records of another key in ``out`` are an error.
     """
     from dormant.llm.adapters import ffn_layout
-    from dormant.llm.perplexity import perplexity
+    from dormant.llm.evaluate import perplexity
     from dormant.llm.predictors.apply import model_meta, observe_predictions, predicted_masks
     from dormant.llm.sparsify import is_sparsified, measure_sparsity, sparsified
 
@@ -457,18 +419,6 @@ def _pct(r: dict | None, ref: dict | None) -> str:
 
 
 # -- predictability ----------------------------------------------------------------------------------
-@dataclass
-class PredictabilityConfig:
-    samples: int = field(12, help="texts (consecutive evaluation windows) to perturb")
-    similarities: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.85, 0.8, 0.75, 0.7],
-                                      help="token similarity of the perturbed copies")
-    seed: int = field(0, help="perturbation seed")
-    out: str = field("runs/predictability", help="output folder (records.jsonl, CSV, report.md, heatmaps)")
-    progress: bool = field(True, help="show progress bars")
-
-
-
-
 def run_predictability(
     model: nn.Module, windows, pool: np.ndarray, cfg: PredictabilityConfig, meta: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -621,16 +571,18 @@ def run_predictor_demo(out: str | Path = "runs/demo/predictors", seqlen: int = 5
     predictor with the guard, and scores them on ``eval_windows`` test windows (open-loop metrics,
     perplexity dense / oracle / predicted). Every step resumes from its files.
     """
-    from dormant.llm.calibrate import CalibrationConfig, calibrate
-    from dormant.llm.models import ModelConfig, load_model
+    from dormant.llm.calibration import calibrate
+    from dormant.llm.configs import CalibrationConfig, EvalConfig, ModelConfig
+    from dormant.llm.models import load_model
     from dormant.llm.predictors.cluster import ClusterConfig
     from dormant.llm.predictors.lowrank import LowRankConfig
     from dormant.llm.sparsify import sparsified
-    from dormant.llm.text import EvalConfig, load_eval_windows, load_text, make_windows
+    from dormant.llm.text import load_eval_windows, load_text, make_windows
     from dormant.llm.thresholds import Thresholds
 
     out = Path(out)
-    loaded = load_model(ModelConfig(model))
+    model_cfg = ModelConfig(model)
+    loaded = load_model(model_cfg)
     model, tok, info = loaded
     thr_path = out / "thresholds.safetensors"
     valid = load_text("wikitext2-valid")
@@ -655,7 +607,7 @@ def run_predictor_demo(out: str | Path = "runs/demo/predictors", seqlen: int = 5
         if not path.is_file():
             run = FitRunConfig(kind=kind, thresholds=str(thr_path), out=str(path), progress=progress,
                                init=None if init is None else str(init), guard=guard)
-            fit_predictor(ModelConfig(model), pairs, run, cfg, loaded=loaded)
+            fit_predictor(model_cfg, pairs, run, cfg, loaded=loaded)
         preds[name] = load_predictor(path)
     windows = load_eval_windows(tok, EvalConfig(seqlen=seqlen, max_windows=eval_windows))
     evaluate_loaded(model, info, windows, Thresholds.load(thr_path), preds, out / "eval", progress=progress,

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dormant.artifacts import ArtifactError, atomic_write_text, load_artifact
-from dormant.config import field
+from dormant.experiments.configs import QCFSTrainConfig
 from dormant.experiments.ledger import Ledger, config_key
 from dormant.experiments.runtime import torch_threads
 from dormant.snn.qcfs import (
@@ -37,42 +37,6 @@ from dormant.snn.qcfs import (
 __all__ = ["QCFSTrainConfig", "train_qcfs"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QCFSTrainConfig:
-    model: str = field("resnet20", help="zoo model whose ReLU weights are fine-tuned")
-    weights: str | None = field(None, help="ReLU checkpoint (default: the zoo's pretrained weights)")
-    levels: int = field(4, help="QCFS quantization levels L")
-    init_percentile: float = field(99.5, help="initial theta per layer: this percentile of the ReLU activations")
-    init_images: int = field(500, help="training images used for the initial theta")
-    data: str = field("cifar10-jpeg", help="training data: cifar10-jpeg (lossy, 50k), cifar10-lossless (4k), cifar10")
-    data_path: str | None = field(None, help="explicit dataset file/folder")
-    train_images: int | None = field(None, help="random subset of the training images (all if unset)")
-    val_images: int = field(1000, help="training images held out and scored after each epoch (monitoring only)")
-    epochs: int = field(4, help="epochs (cosine learning rate over all of them)")
-    batch_size: int = field(128, help="images per optimizer step")
-    lr: float = field(0.02, help="initial learning rate (SGD)")
-    momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(5e-4, help="weight decay (weights and theta)")
-    augment: bool = field(True, help="random crop (pad 4) and horizontal flip")
-    seed: int = field(0, help="seed of the split, the shuffling and the augmentation")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = field(None, help="torch CPU threads (default: torch's choice)")
-    out: str = field("runs/qcfs/resnet20_L4", help="output folder (checkpoints, history, final model)")
-    progress: bool = field(True, help="show progress bars")
-
-    def __post_init__(self):
-        if self.levels < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("levels, epochs and batch_size must be >= 1 and lr > 0")
-
-    def key_config(self) -> dict[str, Any]:
-        """What identifies the run: everything but execution options and ``epochs`` (more epochs continue the
-        run with the cosine schedule of the new total)."""
-        d = asdict(self)
-        for k in ("device", "threads", "out", "progress", "epochs"):
-            d.pop(k)
-        return d
 
 
 def _lr(cfg: QCFSTrainConfig, step: int, total: int) -> float:

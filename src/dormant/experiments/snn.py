@@ -17,12 +17,12 @@ import functools
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from dormant.artifacts import ArtifactError
-from dormant.config import field
+from dormant.experiments.configs import RunConfig
 from dormant.experiments.ledger import Ledger, config_key
 from dormant.experiments.runtime import torch_threads
 from dormant.snn.calibrate import CalibrationData, get_calibration
@@ -33,27 +33,6 @@ from dormant.snn.ftbc import FTBCResult
 __all__ = ["RunConfig", "run_snn_sweep", "write_report", "run_snn_demo", "served_eval"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunConfig:
-    model: str = field("resnet20", help="zoo model: resnet20/32/44/56, vgg16, lenet")
-    weights: str | None = field(None, help="checkpoint path (default: the zoo's pretrained weights)")
-    qcfs: str | None = field(None, help="QCFS checkpoint (from `dormant snn train-qcfs`) to convert instead of the ReLU net")
-    data: str | None = field(None, help="dataset (default: the model's): cifar10-lossless, cifar10-jpeg, cifar10, mnist")
-    data_path: str | None = field(None, help="explicit dataset file/folder")
-    holdout: int = field(1000, help="training images held out for selection (never test images)")
-    calib_images: int | None = field(None, help="calibration images (thresholds and FTBC) from the rest; all if unset")
-    split_seed: int = field(0, help="seed of the calibration/held-out split")
-    test_images: int | None = field(None, help="evaluate on the first N test images (all if unset)")
-    evaluate: Literal["test", "none"] = field("test", help="test: evaluate on the test split; none: held-out only")
-    batch_size: int = field(100, help="images per simulation batch")
-    chunk: int | None = field(None, help="time steps per stateless call (memory bound only)")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    threads: int | None = field(None, help="torch CPU threads (default: torch's choice)")
-    out: str = field("runs/snn", help="output folder")
-    progress: bool = field(True, help="show progress bars")
-
 
 
 def _key_config(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, corr: CorrectionConfig | None = None

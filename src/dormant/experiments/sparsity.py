@@ -11,58 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from dormant.artifacts import ArtifactError, atomic_write_text
-from dormant.config import field
-from dormant.experiments.ledger import Ledger, config_key
+from dormant.experiments.configs import SweepConfig
+from dormant.experiments.ledger import Ledger
 from dormant.llm.allocate import Sensitivity, measure_sensitivity
-from dormant.llm.calibrate import ALLOCATIONS, CalibrationConfig, calibrate
-from dormant.llm.models import ModelConfig
-from dormant.llm.text import CalibDataConfig, EvalConfig, calib_description
+from dormant.llm.calibration import calibrate
+from dormant.llm.configs import ALLOCATIONS, CalibrationConfig
+from dormant.llm.text import calib_description
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SweepConfig", "run_sparsity_sweep", "write_sweep_report"]
 
 
-@dataclass
-class SweepConfig:
-    model: ModelConfig
-    calib: CalibDataConfig
-    eval: EvalConfig
-    sites: list[str] = field(default_factory=lambda: ["paper", "intermediate"], help="sites to sweep")
-    sparsity: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.35, 0.4, 0.45, 0.5], help="target sparsities")
-    allocation: list[str] = field(default_factory=lambda: ["uniform"],
-                                  help="per-layer allocation: uniform (the paper) and/or sensitivity (dormant.llm.allocate)")
-    refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
-                               "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
-                               "calibration)")
-    sens_windows: int = field(2, help="calibration windows for the per-layer sensitivity profile")
-    sens_seqlen: int = field(512, help="tokens per sensitivity window")
-    out: str = field("runs/sweep", help="output folder (results.jsonl, report.md, sweep.png)")
-    progress: bool = field(True, help="show progress bars")
-
-    def key_config(self) -> dict[str, Any]:
-        """What identifies the measurement: points measured under another configuration are not mixed in."""
-        calib = asdict(self.calib)
-        if self.refine:
-            calib["refine"] = self.refine  # keys of sweeps made before refinement existed stay valid
-        ev = asdict(self.eval)
-        ev.pop("batch_size")
-        return {"model": self.model.model, "dtype": self.model.dtype, "calib": calib, "eval": ev}
-
-    def key(self) -> str:
-        return config_key(self.key_config())
-
-
 def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     """Run (or resume) a sweep; returns all records of this configuration."""
     from dormant.llm.adapters import ffn_layout
+    from dormant.llm.evaluate import perplexity
     from dormant.llm.models import load_model
-    from dormant.llm.perplexity import perplexity
     from dormant.llm.sites import site_taps
     from dormant.llm.sparsify import measure_sparsity, sparsified
     from dormant.llm.text import load_calib_windows, load_eval_windows

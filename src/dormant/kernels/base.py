@@ -15,12 +15,13 @@ from enum import Enum
 
 import torch
 
+from dormant.config import UserError
 from dormant.kernels import reference
 
 __all__ = ["Impl", "FFNThresholds", "PackedFFN", "pack_ffn", "UnsupportedKernelError"]
 
 
-class UnsupportedKernelError(ValueError):
+class UnsupportedKernelError(UserError, ValueError):
     """An implementation was asked for a device, dtype or mode it does not support (or is unavailable)."""
 
 

@@ -27,6 +27,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from dormant.config import UserError
+
 __all__ = ["KernelBuildError", "CSRC", "compiler", "flags", "build", "load"]
 
 CSRC = Path(__file__).with_name("csrc")
@@ -34,7 +36,7 @@ _LOCK = threading.Lock()
 _LOADED: dict[Path, ctypes.CDLL] = {}
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(UserError, RuntimeError):
     """A C++ kernel could not be compiled or loaded."""
 
 

@@ -10,37 +10,32 @@ The verbs a user calls::
 
 plus :func:`collect_stats` (one pass, any target read later), :func:`measure_sparsity`, :func:`collect_trace`
 (active-neuron traces) and the text windows of :mod:`dormant.llm.text`. Internals (the adapter table, histograms,
-hooks) stay in their modules. Importing this package does not import transformers; loading a model does.
+hooks) stay in their modules. The names are imported on first use, so ``import dormant.llm.configs`` (the CLI) does
+not import torch; loading a model imports transformers.
 """
 
-from dormant.llm.adapters import FFNLayout, Tap, UnsupportedModelError, ffn_layout
-from dormant.llm.calibrate import CalibrationConfig, calibrate, refine
-from dormant.llm.masks import collect_trace
-from dormant.llm.models import ModelConfig, load_model
-from dormant.llm.perplexity import PerplexityResult, perplexity
-from dormant.llm.sites import SITES, site_taps
-from dormant.llm.sparse_decode import disable_sparse_decode_, enable_sparse_decode_, sparse_decode_stats
-from dormant.llm.sparsify import is_sparsified, measure_sparsity, sparsified, sparsify_, unsparsify_
-from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats
-from dormant.llm.text import (
-    CalibDataConfig,
-    EvalConfig,
-    Windows,
-    load_calib_windows,
-    load_eval_windows,
-    load_text,
-    make_windows,
-)
-from dormant.llm.thresholds import Thresholds
-from dormant.traces import ActivationTrace
+from importlib import import_module
 
-__all__ = [
-    "load_model", "ModelConfig",
-    "calibrate", "CalibrationConfig", "refine", "collect_stats", "StatsConfig", "ActivationStats", "Thresholds",
-    "sparsify_", "unsparsify_", "sparsified", "is_sparsified", "measure_sparsity",
-    "perplexity", "PerplexityResult",
-    "enable_sparse_decode_", "disable_sparse_decode_", "sparse_decode_stats",
-    "collect_trace", "ActivationTrace",
-    "ffn_layout", "FFNLayout", "Tap", "UnsupportedModelError", "SITES", "site_taps",
-    "EvalConfig", "CalibDataConfig", "Windows", "load_text", "make_windows", "load_eval_windows", "load_calib_windows",
-]
+_EXPORTS = {
+    "load_model": "models", "ModelConfig": "configs", "calibrate": "calibration",
+    "CalibrationConfig": "configs", "refine": "calibration", "collect_stats": "stats", "StatsConfig": "stats",
+    "ActivationStats": "stats", "Thresholds": "thresholds", "sparsify_": "sparsify",
+    "unsparsify_": "sparsify", "sparsified": "sparsify", "is_sparsified": "sparsify",
+    "measure_sparsity": "sparsify", "perplexity": "evaluate", "PerplexityResult": "evaluate",
+    "enable_sparse_decode_": "sparse_decode", "disable_sparse_decode_": "sparse_decode",
+    "sparse_decode_stats": "sparse_decode", "collect_trace": "masks", "ffn_layout": "adapters",
+    "FFNLayout": "adapters", "Tap": "adapters", "UnsupportedModelError": "adapters", "SITES": "sites",
+    "site_taps": "sites", "EvalConfig": "configs", "CalibDataConfig": "configs", "Windows": "text",
+    "load_text": "text", "make_windows": "text", "load_eval_windows": "text", "load_calib_windows": "text",
+}
+__all__ = [*_EXPORTS, "ActivationTrace"]
+
+
+def __getattr__(name: str):
+    if name == "ActivationTrace":
+        from dormant.traces import ActivationTrace
+
+        return ActivationTrace
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dormant.llm' has no attribute {name!r}")
+    return getattr(import_module(f"dormant.llm.{_EXPORTS[name]}"), name)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dormant.artifacts import config_key
+from dormant.config import UserError
 
 __all__ = ["Tap", "FFNSpec", "FFN_SPECS", "FFNLayout", "FFNWeights", "UnsupportedModelError", "ffn_layout"]
 
@@ -34,7 +35,7 @@ class Tap(str, Enum):
     OUT = "out"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     pass
 
 

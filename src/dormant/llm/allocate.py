@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dormant.llm.perplexity import perplexity
+from dormant.llm.evaluate import perplexity
 from dormant.llm.sparsify import sparsified
 from dormant.llm.stats import ActivationStats
 

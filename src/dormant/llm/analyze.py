@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
+from dormant.llm.configs import DEFAULT_EPS
 from dormant.llm.hooks import tap_hooks
 from dormant.llm.stats import ActivationStats, MagnitudeHistogram, StatsConfig, collect_stats
 
 __all__ = ["DEFAULT_EPS", "NaturalSparsity", "analyze_activations", "WeightStats", "weight_stats"]
 
-DEFAULT_EPS = (1e-3, 1e-2, 1e-1)
 
 
 # ----------------------------------------------------------------------------------------------------

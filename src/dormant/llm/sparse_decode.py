@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dormant.config import UserError
 from dormant.kernels import (
     FFNThresholds,
     Impl,
@@ -70,7 +71,7 @@ _FIELD = {Tap.GATE: "gate", Tap.UP: "up", Tap.ACT: "act", Tap.MID: "mid", Tap.OU
 Predictor = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-class SparseDecodeError(RuntimeError):
+class SparseDecodeError(UserError, RuntimeError):
     """The model, its thresholds or the requested kernel cannot use sparse decode."""
 
 

@@ -26,12 +26,17 @@ import torch
 from torch import nn
 
 from dormant.artifacts import load_artifact, save_artifact
+from dormant.config import UserError
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
 from dormant.llm.sparsify import sparsified, sparsify_state
 from dormant.llm.thresholds import Thresholds, normalize_targets
 
-__all__ = ["MagnitudeHistogram", "ActivationStats", "StatsConfig", "collect_stats"]
+__all__ = ["MagnitudeHistogram", "ActivationStats", "StatsConfig", "CalibrationError", "collect_stats"]
+
+
+class CalibrationError(UserError, ValueError):
+    """The calibration text gave nothing to read a threshold from (e.g. only NaN/Inf activations)."""
 
 
 class MagnitudeHistogram:
@@ -198,6 +203,10 @@ class ActivationStats:
         """``[n_layers, n_taps, n_values]`` fraction of |a| below each value."""
         return self.hist.cdf(values).view(self.n_layers, len(self.taps), -1)
 
+    def nonfinite(self) -> torch.Tensor:
+        """``[n_layers, n_taps]`` int64 number of NaN/Inf activations dropped (not counted in any quantile)."""
+        return self.hist.nonfinite.view(self.n_layers, len(self.taps))
+
     def zero_fraction(self) -> torch.Tensor:
         """``[n_layers, n_taps]`` fraction of exact zeros (natural sparsity)."""
         h = self.hist
@@ -206,6 +215,14 @@ class ActivationStats:
     def thresholds(self, sparsity: float | Sequence[float] | dict[int, float], site: str) -> Thresholds:
         """The :class:`~dormant.llm.thresholds.Thresholds` reaching ``sparsity`` (one value, or per layer)."""
         targets = normalize_targets(sparsity, self.n_layers)
+        finite = self.hist.counts.sum(-1).view(self.n_layers, len(self.taps))
+        empty = (finite == 0).nonzero().tolist()
+        if empty:
+            layer, j = empty[0]
+            raise CalibrationError(
+                f"calibration saw no finite activation at layer {layer}, tap {self.taps[j].value} "
+                f"({int(self.nonfinite()[layer, j])} NaN/Inf values dropped, {len(empty)} (layer, tap) pairs empty): "
+                "no threshold can be read; check the model's dtype and the calibration text")
         return Thresholds(
             values=self.quantiles(targets),
             targets=targets,
@@ -213,6 +230,7 @@ class ActivationStats:
             site=site,
             model=dict(self.model),
             calibration=dict(self.data),
+            nonfinite=self.nonfinite().clone(),
         )
 
     def subset(self, taps: Sequence[Tap]) -> ActivationStats:
@@ -265,7 +283,7 @@ def collect_stats(
 
     ``under``: thresholds enforced during the pass (on a model that is otherwise dense). Each tap is
     observed *before* its own threshold applies but after every upstream tap's, so thresholds read from
-    the result fit the activations the sparsified model really produces (:func:`dormant.llm.calibrate.refine`).
+    the result fit the activations the sparsified model really produces (:func:`dormant.llm.calibration.refine`).
     """
     from tqdm.auto import tqdm
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from dormant.artifacts import atomic_path
-from dormant.config import field
 from dormant.data import cache_dir, resolve
+from dormant.llm.configs import CORPUS_NAMES, CalibDataConfig, EvalConfig, check_calibration_text
 
 __all__ = ["CORPORA", "EvalConfig", "CalibDataConfig", "load_text", "Windows", "make_windows", "tokenizer_adds_bos",
            "tokenize_stream", "load_eval_windows", "load_calib_windows", "calib_description"]
@@ -28,27 +28,7 @@ CORPORA = {
     "wikitext2-test": "WikiText-2 raw test split",
     "wikitext2-valid": "WikiText-2 validation split",
 }
-
-
-@dataclass
-class EvalConfig:
-    """Which text is evaluated, in which windows (GPTQ protocol)."""
-
-    data: str = field("wikitext2-test", help="evaluation text: wikitext2-test, wikitext2-valid or a file")
-    seqlen: int = field(2048, help="tokens per evaluation window")
-    max_windows: int | None = field(None, help="evaluate at most this many windows (all if unset)")
-    batch_size: int = field(1, help="windows per forward pass")
-    bos: str = field("auto", help="prepend BOS to each window: auto | always | never")
-
-
-@dataclass
-class CalibDataConfig:
-    """Which text thresholds are calibrated on (disjoint from the evaluation text unless ``calib_on_eval``)."""
-
-    calib_data: str = field("wikitext2-valid", help="calibration text: wikitext2-valid, wikitext2-test or a file")
-    calib_windows: int = field(16, help="number of calibration windows")
-    calib_seqlen: int = field(2048, help="tokens per calibration window")
-    calib_on_eval: bool = field(False, help="calibrate on the evaluation windows themselves (the paper's protocol)")
+assert tuple(CORPORA) == CORPUS_NAMES
 
 
 def load_text(source: str, path: str | None = None) -> str:
@@ -164,11 +144,7 @@ def load_calib_windows(tokenizer, cfg: CalibDataConfig, eval_cfg: EvalConfig, ev
     if cfg.calib_on_eval:
         log.warning("calibrating on the evaluation text (calib_on_eval, the paper's protocol): results are not held-out")
         return eval_windows if eval_windows is not None else load_eval_windows(tokenizer, eval_cfg)
-    if cfg.calib_data == eval_cfg.data:
-        raise ValueError(
-            f"calibration and evaluation both read {cfg.calib_data!r}; choose another --calib-data, "
-            "or pass --calib-on-eval to reproduce the paper's protocol knowingly"
-        )
+    check_calibration_text(cfg, eval_cfg)
     return make_windows(tokenizer, load_text(cfg.calib_data), cfg.calib_seqlen, cfg.calib_windows, bos=eval_cfg.bos,
                         source=cfg.calib_data)
 

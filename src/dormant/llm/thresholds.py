@@ -1,4 +1,4 @@
-"""Per-layer, per-tap zero-enforcing thresholds: the versioned artifact (calibrated by :mod:`dormant.llm.calibrate`).
+"""Per-layer, per-tap zero-enforcing thresholds: the versioned artifact (calibrated by :mod:`dormant.llm.calibration`).
 
 Rule (paper Eq. 7): an activation ``a`` at a thresholded tap becomes 0 when ``|a| < T[l, tap]`` and is
 kept otherwise. ``T`` is the ``target``-quantile of ``|a|`` on calibration text, so a fraction
@@ -52,6 +52,7 @@ class Thresholds:
         site: the site name (see :mod:`dormant.llm.sites`).
         model: what the thresholds were calibrated on (:meth:`FFNLayout.describe` plus ``id``).
         calibration: description of the calibration text (source, windows, seqlen, tokens, calib_on_eval).
+        nonfinite: ``[n_layers, n_taps]`` int64 NaN/Inf activations seen (and dropped) during calibration.
     """
 
     values: torch.Tensor
@@ -60,6 +61,7 @@ class Thresholds:
     site: str
     model: dict[str, Any]
     calibration: dict[str, Any] = field(default_factory=dict)
+    nonfinite: torch.Tensor | None = None
 
     KIND = "dormant.Thresholds"
     VERSION = 1
@@ -69,6 +71,11 @@ class Thresholds:
         self.targets = torch.as_tensor(self.targets, dtype=torch.float64)
         if self.values.shape != (len(self.targets), len(self.taps)):
             raise ValueError(f"values {tuple(self.values.shape)} do not match {len(self.targets)} layers x {len(self.taps)} taps")
+        if self.nonfinite is None:
+            self.nonfinite = torch.zeros(self.values.shape, dtype=torch.int64)
+        self.nonfinite = torch.as_tensor(self.nonfinite, dtype=torch.int64)
+        if self.nonfinite.shape != self.values.shape:
+            raise ValueError(f"nonfinite counts {tuple(self.nonfinite.shape)} do not match values {tuple(self.values.shape)}")
 
     @property
     def n_layers(self) -> int:
@@ -79,7 +86,8 @@ class Thresholds:
 
     def scaled(self, factor: float) -> Thresholds:
         """The same thresholds multiplied by ``factor`` (``0`` gives the dense model exactly)."""
-        return Thresholds(self.values * factor, self.targets, self.taps, self.site, self.model, self.calibration)
+        return Thresholds(self.values * factor, self.targets, self.taps, self.site, self.model, self.calibration,
+                          self.nonfinite)
 
     def validate(self, layout: FFNLayout, model_id: str | None = None) -> None:
         """Raise :class:`ArtifactError` if these thresholds were calibrated on another architecture."""
@@ -108,7 +116,8 @@ class Thresholds:
             "model": self.model,
             "calibration": self.calibration,
         }
-        return save_artifact(path, self.KIND, self.VERSION, {"values": self.values, "targets": self.targets}, meta)
+        tensors = {"values": self.values, "targets": self.targets, "nonfinite": self.nonfinite}
+        return save_artifact(path, self.KIND, self.VERSION, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Thresholds:
@@ -121,6 +130,7 @@ class Thresholds:
                 site=meta["site"],
                 model=meta["model"],
                 calibration=meta.get("calibration", {}),
+                nonfinite=tensors.get("nonfinite"),
             )
         except (KeyError, ValueError) as e:
             raise ArtifactError(f"{path}: inconsistent Thresholds artifact ({e})") from e
@@ -132,5 +142,6 @@ class Thresholds:
             "mean_target": float(self.targets.mean()),
             "threshold_first_layer": self.values[0].tolist(),
             "threshold_last_layer": self.values[-1].tolist(),
+            "nonfinite_values": {t.value: int(self.nonfinite[:, j].sum()) for j, t in enumerate(self.taps)},
             "calibration": self.calibration,
         }

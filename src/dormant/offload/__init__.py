@@ -15,35 +15,20 @@ machine's disk). The package reads :class:`~dormant.traces.ActivationTrace` arti
 side; the runs (policy x budget x profile sweeps, trace recording, reports) are in :mod:`dormant.experiments.offload`.
 """
 
-from dormant.offload.layout import ItemLayout, StorageLayout
-from dormant.offload.policies import PRESETS, Policy, parse_policy
-from dormant.offload.profiles import DeviceProfile, ProfileError, StorageModel, list_profiles, load_profile
-from dormant.offload.simulator import AccessStats, estimate_time, simulate
-from dormant.offload.traces import (
-    FFNGeometry,
-    WeightFormat,
-    perturb_trace,
-    synthetic_trace,
-    weight_format,
-)
+from importlib import import_module
 
-__all__ = [
-    "AccessStats",
-    "DeviceProfile",
-    "FFNGeometry",
-    "ItemLayout",
-    "PRESETS",
-    "Policy",
-    "ProfileError",
-    "StorageLayout",
-    "StorageModel",
-    "WeightFormat",
-    "estimate_time",
-    "list_profiles",
-    "load_profile",
-    "parse_policy",
-    "perturb_trace",
-    "simulate",
-    "synthetic_trace",
-    "weight_format",
-]
+_EXPORTS = {
+    "ItemLayout": "layout", "StorageLayout": "configs", "PRESETS": "policies", "Policy": "policies",
+    "parse_policy": "policies", "DeviceProfile": "profiles", "ProfileError": "profiles",
+    "StorageModel": "profiles", "list_profiles": "profiles", "load_profile": "profiles",
+    "AccessStats": "simulator", "estimate_time": "simulator", "simulate": "simulator",
+    "FFNGeometry": "traces", "WeightFormat": "traces", "perturb_trace": "traces", "synthetic_trace": "traces",
+    "weight_format": "traces",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):  # names are imported on first use: the CLI reads the configs without numpy or torch
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dormant.offload' has no attribute {name!r}")
+    return getattr(import_module(f"dormant.offload.{_EXPORTS[name]}"), name)

@@ -23,30 +23,13 @@ boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 
-from dormant.config import field
 from dormant.formats import WeightFormat
+from dormant.offload.configs import StorageLayout
 from dormant.offload.traces import FFNGeometry
 
 __all__ = ["StorageLayout", "ItemLayout"]
-
-
-@dataclass
-class StorageLayout:
-    bundling: Literal["bundled", "separate"] = field("bundled", help="weight file layout: bundled | separate")
-    chunk: int = field(1, help="neurons per chunk, the unit of loading and caching")
-    align: int = field(4096, help="read alignment in bytes (flash page / O_DIRECT block); 1 = none")
-    coalesce: bool = field(True, help="read a run of consecutive needed chunks with one request")
-
-    def __post_init__(self):
-        if self.bundling not in ("bundled", "separate"):
-            raise ValueError(f"unknown layout {self.bundling!r}; choose bundled or separate")
-        if self.chunk < 1 or self.align < 1:
-            raise ValueError("chunk and align must be >= 1")
 
 
 def _ceil_to(x: np.ndarray | int, a: int):

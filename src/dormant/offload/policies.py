@@ -59,7 +59,7 @@ class Policy:
             raise ValueError(f"cache must be none, lru or lfu, got {self.cache!r}")
         if self.window < 0 or self.lookahead < 0:
             raise ValueError("window and lookahead must be >= 0")
-        if not 0 <= self.pin <= 1:
+        if not 0 <= self.pin <= 1:  # also refuses nan
             raise ValueError("pin must lie in [0, 1]")
         if self.predictor not in ("trace", "oracle") or self.on_miss not in ("load", "skip"):
             raise ValueError("predictor must be trace|oracle and on_miss load|skip")
@@ -109,5 +109,11 @@ def parse_policy(spec: str | Policy) -> Policy:
         if not eq or k not in _KEYS:
             raise ValueError(f"bad policy option {item!r} in {spec!r}; keys: {', '.join(sorted(_KEYS))}")
         f = _KEYS[k]
-        changes[f] = int(v) if f in ("window", "lookahead") else float(v) if f == "pin" else v
+        try:
+            changes[f] = int(v) if f in ("window", "lookahead") else float(v) if f == "pin" else v
+        except ValueError:
+            kind = "an integer" if f in ("window", "lookahead") else "a number"
+            raise ValueError(f"policy option {k}={v!r} in {spec!r} must be {kind}") from None
+        if f == "pin" and not 0 <= changes[f] <= 1:  # also refuses nan
+            raise ValueError(f"policy option pin={v!r} in {spec!r} must lie in [0, 1]")
     return replace(PRESETS[base], **changes)

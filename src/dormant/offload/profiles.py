@@ -49,10 +49,12 @@ from typing import Any
 
 import numpy as np
 
+from dormant.config import UserError
+
 __all__ = ["ProfileError", "Figure", "StorageModel", "DeviceProfile", "list_profiles", "load_profile"]
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A device profile is missing, malformed or inconsistent; the message says which key and why."""
 
 
@@ -253,6 +255,11 @@ class DeviceProfile:
                 if bad:
                     raise ProfileError(f"{where}: unknown field(s) {sorted(bad)}")
                 v = entry["value"]
+                if isinstance(v, str):  # YAML 1.1 reads 1e3 (no dot) as a string: accept numbers written so
+                    try:
+                        v = float(v)
+                    except ValueError:
+                        pass
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise ProfileError(f"{where}: value must be a number, got {v!r}")
                 if integer and float(v) != int(v):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dormant.config import UserError
 from dormant.snn.configs import ConvertConfig
 from dormant.snn.models import ZeroPadShortcut
 from dormant.snn.neurons import IFNeuron, SpikeMaxPool2d
@@ -28,7 +29,7 @@ from dormant.snn.qcfs import QCFS
 __all__ = ["ConversionError", "trace", "fold_batchnorm", "spiking_graph"]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The network contains something the conversion cannot map onto spiking layers."""
 
 

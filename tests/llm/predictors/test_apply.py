@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dormant.llm.adapters import Tap, ffn_layout
-from dormant.llm.calibrate import CalibrationConfig, calibrate
+from dormant.llm.calibration import calibrate
+from dormant.llm.configs import CalibrationConfig
 from dormant.llm.masks import collect_trace
 from dormant.llm.predictors import (
     ClusterConfig,

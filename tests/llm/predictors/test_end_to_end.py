@@ -12,7 +12,8 @@ from dormant.experiments.predictors import (
     run_predictability,
     summarize,
 )
-from dormant.llm.calibrate import CalibrationConfig, calibrate
+from dormant.llm.calibration import calibrate
+from dormant.llm.configs import CalibrationConfig
 from dormant.llm.models import load_model
 from dormant.llm.predictors import (
     ClusterConfig,

@@ -2,7 +2,7 @@
 
 Dhar et al. (IPCCC 2024, arXiv 2412.12178, Sec. V) propose predicting the active FFN neurons before
 their weights are loaded. This package builds and scores three predictors behind one interface
-(:class:`Predictor`): ``early_layer`` (the paper's layer-1 idea), ``lowrank`` (Deja Vu / ShadowLLM
+(:class:`Predictor`, one table :data:`~dormant.llm.predictors.registry.PREDICTORS`): ``early_layer`` (the paper's layer-1 idea), ``lowrank`` (Deja Vu / ShadowLLM
 style per-layer networks) and ``cluster`` (the authors' follow-up, arXiv 2507.14179).
 
 Flow: :func:`collect_pairs` -> :class:`PairStore` -> ``Predictor.for_store(store, config).fit(store)``
@@ -12,48 +12,22 @@ Flow: :func:`collect_pairs` -> :class:`PairStore` -> ``Predictor.for_store(store
 :mod:`dormant.llm.predictors.predictability`; the CLI runs and the demo in :mod:`dormant.experiments.predictors`.
 """
 
-from dormant.llm.predictors.apply import (
-    PredictionRun,
-    collect_predicted_trace,
-    observe_predictions,
-    predicted_masks,
-)
-from dormant.llm.predictors.base import (
-    PREDICTORS,
-    Predictor,
-    PredictorCostReport,
-    choose_tau,
-    evaluate_on_store,
-    guard_neurons,
-    load_predictor,
-)
-from dormant.llm.predictors.cluster import ClusterConfig, ClusterPredictor
-from dormant.llm.predictors.data import PairStore, collect_pairs
-from dormant.llm.predictors.early_layer import EarlyLayerConfig, EarlyLayerPredictor
-from dormant.llm.predictors.lowrank import LowRankConfig, LowRankPredictor
-from dormant.llm.predictors.metrics import MaskConfusion, mask_metrics, scores_from_counts
+from importlib import import_module
 
-__all__ = [
-    "PREDICTORS",
-    "Predictor",
-    "PredictorCostReport",
-    "choose_tau",
-    "guard_neurons",
-    "evaluate_on_store",
-    "load_predictor",
-    "PairStore",
-    "collect_pairs",
-    "LowRankConfig",
-    "LowRankPredictor",
-    "EarlyLayerConfig",
-    "EarlyLayerPredictor",
-    "ClusterConfig",
-    "ClusterPredictor",
-    "MaskConfusion",
-    "mask_metrics",
-    "scores_from_counts",
-    "PredictionRun",
-    "predicted_masks",
-    "observe_predictions",
-    "collect_predicted_trace",
-]
+_EXPORTS = {
+    "PredictionRun": "apply", "collect_predicted_trace": "apply", "observe_predictions": "apply",
+    "predicted_masks": "apply", "Predictor": "base", "PredictorCostReport": "base", "choose_tau": "base",
+    "evaluate_on_store": "base", "guard_neurons": "base", "PREDICTORS": "registry",
+    "load_predictor": "registry", "predictor_class": "registry", "ClusterConfig": "configs",
+    "ClusterPredictor": "cluster", "PairStore": "data", "collect_pairs": "data",
+    "EarlyLayerConfig": "configs", "EarlyLayerPredictor": "early_layer", "LowRankConfig": "configs",
+    "LowRankPredictor": "lowrank", "MaskConfusion": "metrics", "mask_metrics": "metrics",
+    "scores_from_counts": "metrics",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):  # names are imported on first use: the CLI reads the configs without torch
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dormant.llm.predictors' has no attribute {name!r}")
+    return getattr(import_module(f"dormant.llm.predictors.{_EXPORTS[name]}"), name)

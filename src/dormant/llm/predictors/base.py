@@ -18,8 +18,9 @@ here, for each layer ``l`` it predicts:
 
 A predictor knows its own cost (:meth:`Predictor.cost`): resident parameter bytes, bytes read and
 FLOPs per token, per layer, and the same figures for the FFN it guards. It saves itself as one
-versioned safetensors artifact (kind ``dormant.Predictor``); :func:`load_predictor` dispatches on the
-stored predictor name through :data:`PREDICTORS`.
+versioned safetensors artifact (kind ``dormant.Predictor``); :func:`~dormant.llm.predictors.registry.load_predictor`
+dispatches on the
+stored predictor name through :data:`dormant.llm.predictors.registry.PREDICTORS`.
 """
 
 from __future__ import annotations
@@ -33,16 +34,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from dormant.artifacts import ArtifactError, load_artifact, save_artifact
+from dormant.artifacts import ArtifactError, save_artifact
 from dormant.llm.adapters import Tap
 from dormant.llm.predictors.metrics import MaskConfusion
 
 __all__ = [
     "Predictor",
     "PredictorCostReport",
-    "PREDICTORS",
-    "register_predictor",
-    "load_predictor",
     "choose_tau",
     "guard_neurons",
     "operating_point",
@@ -50,15 +48,6 @@ __all__ = [
     "layer_params_tensors",
     "layer_params_from",
 ]
-
-PREDICTORS: dict[str, type[Predictor]] = {}
-
-
-def register_predictor(cls: type[Predictor]) -> type[Predictor]:
-    """Class decorator adding a predictor to :data:`PREDICTORS` under ``cls.name``."""
-    PREDICTORS[cls.name] = cls
-    return cls
-
 
 def layer_params_tensors(params: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
     """Per-layer parameter dicts -> flat ``{"<name>.<layer>": tensor}`` for an artifact (skipped layers left out)."""
@@ -344,31 +333,6 @@ class Predictor(ABC):
         fp = (self.info.get("model") or {}).get("fingerprint")
         if fp and fp != d["fingerprint"]:
             raise ArtifactError(f"predictor was trained on model fingerprint {fp}, this model has {d['fingerprint']}")
-
-
-def load_predictor(path: str | Path) -> Predictor:
-    """Load any predictor saved with :meth:`Predictor.save`."""
-    tensors, meta, _ = load_artifact(path, Predictor.KIND, (Predictor.VERSION,))
-    name = meta.get("predictor")
-    if name not in PREDICTORS:
-        raise ArtifactError(f"{path}: unknown predictor {name!r}; known: {', '.join(sorted(PREDICTORS))}")
-    cls = PREDICTORS[name]
-    try:
-        fields = {f.name for f in dataclasses.fields(cls.Config)}
-        unknown = sorted(set(meta["config"]) - fields)
-        if unknown:
-            raise ArtifactError(f"{path}: {name} predictor config has keys this version does not know: {unknown} "
-                                f"(known: {sorted(fields)}); it was saved by another version of dormant")
-        config = cls.Config(**meta["config"])
-        p = cls(config, **meta["dims"])
-        p.tau = tensors.pop("tau").float()
-        guard = tensors.pop("guard", None)
-        p.guard = None if guard is None else guard.bool()
-        p.load_state(tensors)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: inconsistent {name} predictor ({e})") from e
-    p.info = meta.get("info", {})
-    return p
 
 
 _CHUNK = 4096  # tokens scored at once when evaluating on a store (bounds [N, I] score tensors)

@@ -23,39 +23,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dormant.config import field
 from dormant.llm.adapters import Tap
 from dormant.llm.predictors.base import (
     Predictor,
     layer_params_from,
     layer_params_tensors,
     operating_point,
-    register_predictor,
 )
+from dormant.llm.predictors.configs import ClusterConfig
 from dormant.llm.predictors.metrics import mask_metrics
 
 __all__ = ["ClusterConfig", "ClusterPredictor", "kmeans_binary"]
-
-
-@dataclass
-class ClusterConfig:
-    k: int = field(64, help="number of centroids per layer (k = 1: a static hot-neuron mask)")
-    kmeans_iters: int = field(15, help="Lloyd iterations")
-    kmeans_tokens: int = field(8192, help="training tokens clustered (all training tokens are then labelled)")
-    recall: float = field(0.99, help="recall target on the selection split that sets tau")
-    density_ratio: float | None = field(None, help="instead of a recall target: predicted density budget as a "
-                                        "multiple of the true density")
-    epochs: int = field(6, help="classifier training epochs")
-    batch_size: int = field(512, help="classifier training tokens per step")
-    lr: float = field(3e-3, help="classifier AdamW learning rate")
-    weight_decay: float = field(0.01, help="classifier AdamW weight decay")
-    seed: int = field(0, help="initialisation and shuffling seed")
 
 
 def kmeans_binary(m: torch.Tensor, k: int, iters: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +80,6 @@ def _nearest(m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (-2 * x @ c.T + (c * c).sum(1)[None, :]).argmin(1)
 
 
-@register_predictor
 class ClusterPredictor(Predictor):
     """Per-layer k-means centroids of activation patterns, chosen by a linear classifier on the FFN input."""
 

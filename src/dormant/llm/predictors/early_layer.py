@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from dormant.config import field
 from dormant.llm.adapters import Tap
-from dormant.llm.predictors.base import Predictor, layer_params_from, layer_params_tensors, register_predictor
+from dormant.llm.predictors.base import Predictor, layer_params_from, layer_params_tensors
+from dormant.llm.predictors.configs import EarlyLayerConfig
 from dormant.llm.predictors.lowrank import (
-    LowRankConfig,
     lowrank_layer_cost,
     lowrank_logits,
     train_lowrank_layer,
@@ -42,35 +40,6 @@ from dormant.traces import unpack_masks
 __all__ = ["EarlyLayerConfig", "EarlyLayerPredictor"]
 
 
-@dataclass
-class EarlyLayerConfig:
-    mode: Literal["linear", "nearest"] = field("linear", help="linear map from the source FFN input, or nearest stored pattern")
-    source_layer: int = field(1, help="the early layer whose input (linear) or pattern (nearest) is read")
-    recall: float = field(0.99, help="recall target on the selection split that sets tau")
-    density_ratio: float | None = field(None, help="instead of a recall target: predicted density budget as a "
-                                        "multiple of the true density")
-    # linear mode (same meaning as in LowRankConfig)
-    rank: int = field(64, help="linear: rank r of the map")
-    hidden_act: Literal["none", "relu"] = field("none", help="linear: nonlinearity between the factors")
-    epochs: int = field(4, help="linear: maximum epochs per layer")
-    patience: int = field(2, help="linear: early-stopping patience")
-    batch_size: int = field(1024, help="linear: tokens per step")
-    lr: float = field(3e-3, help="linear: AdamW peak learning rate")
-    weight_decay: float = field(0.01, help="linear: AdamW weight decay")
-    pos_weight: float = field(1.0, help="linear: extra weight of active neurons")
-    # nearest mode
-    bank_size: int = field(8192, help="nearest: stored training tokens")
-    neighbours: int = field(64, help="nearest: K nearest stored patterns per token")
-    seed: int = field(0, help="seed (initialisation, shuffling, bank sampling)")
-
-    def lowrank(self) -> LowRankConfig:
-        return LowRankConfig(rank=self.rank, hidden_act=self.hidden_act, recall=self.recall,
-                             density_ratio=self.density_ratio, epochs=self.epochs,
-                             patience=self.patience, batch_size=self.batch_size, lr=self.lr,
-                             weight_decay=self.weight_decay, pos_weight=self.pos_weight, seed=self.seed)
-
-
-@register_predictor
 class EarlyLayerPredictor(Predictor):
     """Later layers' masks from an early layer's FFN input (``linear``) or pattern (``nearest``)."""
 

@@ -24,39 +24,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dormant.config import field
 from dormant.llm.adapters import Tap
 from dormant.llm.predictors.base import (
     Predictor,
     layer_params_from,
     layer_params_tensors,
     operating_point,
-    register_predictor,
 )
+from dormant.llm.predictors.configs import LowRankConfig
 
 __all__ = ["LowRankConfig", "LowRankPredictor", "train_lowrank_layer", "lowrank_logits", "lowrank_layer_cost"]
-
-
-@dataclass
-class LowRankConfig:
-    rank: int = field(64, help="hidden width r of the D -> r -> I predictor network")
-    hidden_act: Literal["none", "relu"] = field("none", help="nonlinearity between the two low-rank factors")
-    recall: float = field(0.99, help="recall target on the selection split: sets tau and the early-stopping score")
-    density_ratio: float | None = field(None, help="instead of a recall target: predicted density budget as a "
-                                        "multiple of the true density (tau and early stopping then maximise recall)")
-    epochs: int = field(4, help="maximum training epochs per layer (one-cycle learning-rate schedule)")
-    patience: int = field(2, help="stop after this many epochs without improvement on the selection split")
-    batch_size: int = field(1024, help="training tokens per step")
-    lr: float = field(3e-3, help="AdamW peak learning rate")
-    weight_decay: float = field(0.01, help="AdamW weight decay")
-    pos_weight: float = field(1.0, help="extra weight of active neurons on top of class balancing (1-p)/p")
-    seed: int = field(0, help="initialisation and shuffling seed")
 
 
 def lowrank_logits(x: torch.Tensor, p: dict[str, torch.Tensor], act: str) -> torch.Tensor:
@@ -141,7 +123,6 @@ def train_lowrank_layer(
     return {k: v.contiguous() for k, v in params.items()}, tau, record
 
 
-@register_predictor
 class LowRankPredictor(Predictor):
     """Per-layer ``D -> r -> I`` network on the layer's own FFN input (Deja Vu / ShadowLLM style)."""
 

@@ -17,43 +17,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from dormant.artifacts import ArtifactError
-from dormant.config import field
 from dormant.llm.adapters import ffn_layout
 from dormant.llm.allocate import Sensitivity, allocate, measure_sensitivity
+from dormant.llm.configs import ALLOCATIONS, CalibrationConfig
 from dormant.llm.sites import site_taps
 from dormant.llm.stats import ActivationStats, StatsConfig, collect_stats
 from dormant.llm.thresholds import Thresholds
 
 __all__ = ["ALLOCATIONS", "CalibrationConfig", "calibrate", "refine"]
-
-ALLOCATIONS = ("uniform", "sensitivity")
-
-
-@dataclass
-class CalibrationConfig:
-    site: str = field("intermediate", help="paper | intermediate | gate_act | inputs")
-    sparsity: list[float] = field(default_factory=lambda: [0.5],
-                                  help="target sparsity: one value (the mean with --allocation sensitivity), "
-                                       "or one per layer")
-    allocation: Literal["uniform", "sensitivity"] = field(
-        "uniform", help="per-layer targets: uniform (the paper) or sensitivity (dormant.llm.allocate)")
-    refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
-                               "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
-                               "calibration)")
-    batch_size: int = field(1, help="calibration windows per forward pass")
-    progress: bool = field(True, help="show progress bars")
-
-    def target(self) -> float | list[float]:
-        """One target for every layer, or the per-layer list."""
-        return self.sparsity[0] if len(self.sparsity) == 1 else list(self.sparsity)
-
 
 def calibrate(
     model: nn.Module,

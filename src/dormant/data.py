@@ -128,7 +128,7 @@ def data_roots() -> list[Path]:
     that is not a directory is an error (a typo would otherwise fall back to other data without a word)."""
     roots = []
     if os.environ.get("DORMANT_DATA"):
-        given = Path(os.environ["DORMANT_DATA"]).expanduser()
+        given = Path(os.path.expanduser(os.environ["DORMANT_DATA"]))
         if not given.is_dir():
             raise DataNotFoundError(f"DORMANT_DATA={os.environ['DORMANT_DATA']} is not a directory; unset it or point "
                                     "it at a folder laid out like ../shared/data")
@@ -156,7 +156,7 @@ def resolve(name: str, path: str | os.PathLike | None = None, download: bool | N
         download: allow step 5; defaults to ``DORMANT_OFFLINE`` not being ``1``.
     """
     if path is not None:
-        p = Path(path).expanduser()
+        p = Path(os.path.expanduser(path))
         if not p.exists():
             raise DataNotFoundError(f"{name}: the given path {p} does not exist")
         return p

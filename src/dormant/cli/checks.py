@@ -12,13 +12,15 @@ import importlib.metadata
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from dormant.artifacts import ArtifactError, verify_artifact
 from dormant.config import UsageError
 from dormant.llm.configs import ALIASES, ModelConfig
 
-__all__ = ["KINDS", "model_context", "check_seqlens", "check_artifact", "check_artifacts"]
+__all__ = ["KINDS", "ModelFacts", "model_facts", "model_context", "check_seqlens", "check_layer_targets",
+           "check_artifact", "check_artifacts"]
 
 # Artifact kinds (tests check them against the classes' KIND).
 KINDS = {
@@ -48,6 +50,12 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 def gguf_context_length(path: Path) -> int | None:
     """``<arch>.context_length`` from a GGUF file's key-value header (read without loading tensors)."""
+    return _gguf_ints(path, (".context_length",)).get(".context_length")
+
+
+def _gguf_ints(path: Path, suffixes: tuple[str, ...]) -> dict[str, int]:
+    """The integer values of the header keys ending in ``suffixes`` (``{suffix: value}``)."""
+    found: dict[str, int] = {}
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UsageError(f"{path} is not a GGUF file")
@@ -76,14 +84,22 @@ def gguf_context_length(path: Path) -> int | None:
         for _ in range(n_kv):
             key = string()
             (kind,) = struct.unpack("<I", f.read(4))
-            if key.endswith(".context_length") and kind in _GGUF_SCALARS:
+            suffix = next((x for x in suffixes if key.endswith(x)), None)
+            if suffix is not None and kind in _GGUF_SCALARS and kind not in (6, 7, 12):
                 (value,) = struct.unpack(_GGUF_SCALARS[kind], f.read(struct.calcsize(_GGUF_SCALARS[kind])))
-                return int(value)
+                found[suffix] = int(value)
+                if len(found) == len(suffixes):
+                    break
+                continue
             skip(kind)
-    return None
+    return found
 
 
-def _folder_context(folder: Path) -> int | None:
+def _first_int(data: dict, keys: tuple[str, ...]) -> int | None:
+    return next((data[k] for k in keys if isinstance(data.get(k), int)), None)
+
+
+def _folder_facts(folder: Path) -> ModelFacts:
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise UsageError(f"--model {folder}: the folder has no config.json (not a Hugging Face model folder)")
@@ -91,10 +107,22 @@ def _folder_context(folder: Path) -> int | None:
         data = json.loads(cfg.read_text())
     except ValueError as e:
         raise UsageError(f"--model {folder}: config.json is not valid JSON ({e})") from None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(data.get(key), int):
-            return data[key]
-    return None
+    data = {**data.get("text_config", {}), **data}
+    return ModelFacts(_first_int(data, ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")),
+                      _first_int(data, ("num_hidden_layers", "n_layer", "num_layers")))
+
+
+def _gguf_facts(path: Path) -> ModelFacts:
+    ints = _gguf_ints(path, (".context_length", ".block_count"))
+    return ModelFacts(ints.get(".context_length"), ints.get(".block_count"))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model's files say without loading it: context length and decoder layers (``None``: not said)."""
+
+    context: int | None
+    layers: int | None
 
 
 def _hf_cache_folder(repo: str) -> Path | None:
@@ -105,39 +133,51 @@ def _hf_cache_folder(repo: str) -> Path | None:
     return found[-1].parent if found else None
 
 
-def model_context(cfg: ModelConfig) -> int | None:
+def model_facts(cfg: ModelConfig) -> ModelFacts:
     """Check that ``cfg.model`` can be loaded as given (alias, folder, .gguf, cached or --online hub id) and return
-    the model's context length when its files say it."""
+    what its files say of it."""
     spec = cfg.model
     if spec == "smollm2-135m":
-        return gguf_context_length(_smollm2_gguf())
+        return _gguf_facts(_smollm2_gguf())
     if spec == "stories260k":
         from dormant.data import DataNotFoundError, resolve
 
         try:
-            return _folder_context(resolve("stories260k"))
+            return _folder_facts(resolve("stories260k"))
         except DataNotFoundError as e:
             raise UsageError(f"--model stories260k: {str(e).splitlines()[0]}") from None
-    p = Path(spec).expanduser()
+    p = Path(os.path.expanduser(spec))
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UsageError(f"--model {spec}: GGUF file not found")
-        return gguf_context_length(p)
+        return _gguf_facts(p)
     if p.is_dir():
-        return _folder_context(p)
+        return _folder_facts(p)
     if p.exists():
         raise UsageError(f"--model {spec} is a file but not a .gguf file")
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] \
         or spec.count("/") > 1
     if looks_like_path:
         raise UsageError(f"--model {spec}: no such file or folder")
-    if cfg.online:
-        return None
     cached = _hf_cache_folder(spec)
     if cached is None:
+        if cfg.online:
+            return ModelFacts(None, None)
         raise UsageError(f"--model {spec} is neither an alias ({', '.join(ALIASES)}), a local folder or .gguf file, "
                          "nor in the Hugging Face cache; loading is offline by default (--online downloads it)")
-    return _folder_context(cached)
+    return _folder_facts(cached)
+
+
+def model_context(cfg: ModelConfig) -> int | None:
+    """:func:`model_facts` ``.context``."""
+    return model_facts(cfg).context
+
+
+def check_layer_targets(layers: int | None, sparsity: list[float]) -> None:
+    """Refuse a per-layer ``--sparsity`` list whose length is not the model's layer count."""
+    if layers is not None and len(sparsity) not in (1, layers):
+        raise UsageError(f"--sparsity: {len(sparsity)} values for a {layers}-layer model; give one value, or one per "
+                         "layer")
 
 
 def check_seqlens(context: int | None, **seqlens: int | None) -> None:

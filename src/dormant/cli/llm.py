@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from dormant.cli.checks import check_artifact, check_seqlens, model_context
+from dormant.cli.checks import check_artifact, check_layer_targets, check_seqlens, model_context, model_facts
 from dormant.config import add_config_args, checked, config_from_args, field, in_file, out_file
 from dormant.experiments.configs import SweepConfig
 from dormant.llm.configs import (
@@ -65,7 +65,9 @@ def _calibrate(ns: argparse.Namespace) -> int:
                                                         CalibrateOutputConfig))
     cc = config_from_args(CalibrationConfig, ns, batch_size=ec.batch_size)
     check_calibration_text(dc, ec)
-    check_seqlens(model_context(mc), calib_seqlen=dc.calib_seqlen, seqlen=ec.seqlen if dc.calib_on_eval else None,
+    facts = model_facts(mc)
+    check_layer_targets(facts.layers, cc.sparsity)
+    check_seqlens(facts.context, calib_seqlen=dc.calib_seqlen, seqlen=ec.seqlen if dc.calib_on_eval else None,
                   sens_seqlen=oc.sens_seqlen if cc.allocation == "sensitivity" else None)
 
     from dormant.llm.calibration import calibrate

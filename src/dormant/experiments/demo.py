@@ -103,16 +103,16 @@ def run_demo(cfg: DemoConfig) -> Path:
     ledger = Ledger(root / "steps.jsonl", config_key(key_cfg), key_cfg, what="demo")
     done = {} if cfg.fresh else {r["step"]: r for r in ledger.records}
     for name in cfg.steps:
-        if name in done and Path(done[name]["report"]).exists():
-            log.info("demo step %s already done: %s", name, done[name]["report"])
+        if name in done and (root / done[name]["report"]).exists():
+            log.info("demo step %s already done: %s", name, root / done[name]["report"])
             continue
         title, fn = STEPS[name]
         log.info("demo step %s: %s", name, title)
         t0 = time.perf_counter()
-        report = fn(cfg, root / name)
+        report = Path(fn(cfg, root / name)).relative_to(root)  # relative: the folder can move
         done[name] = ledger.append({"step": name, "report": str(report), "seconds": round(time.perf_counter() - t0, 1)})
-    rows = [[STEPS[s][0], f"[{Path(done[s]['report']).relative_to(root)}]({Path(done[s]['report']).relative_to(root)})",
-             f"{done[s]['seconds']:.0f}"] for s in STEPS if s in done]
+    rows = [[STEPS[s][0], f"[{done[s]['report']}]({done[s]['report']})", f"{done[s]['seconds']:.0f}"]
+            for s in STEPS if s in done]
     text = ("# dormant demo\n\nEach step ran on small embedded defaults (see `dormant demo --help`); the full-size "
             "commands are in the README.\n\n" + markdown_table(["step", "report", "seconds"], rows))
     return write_markdown(root / "report.md", text)

@@ -112,8 +112,9 @@ class Ledger:
 
     # -- use -------------------------------------------------------------------------------------------------
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Write one finished unit (the key is added) and keep it in :attr:`records`."""
-        rec = {"key": self.key, **record}
+        """Write one finished unit (the key is added) and keep it in :attr:`records` exactly as a rerun will read it
+        back (through JSON, keys sorted), so a report never depends on whether its records were resumed."""
+        rec = json.loads(json.dumps({"key": self.key, **record}, sort_keys=True))
         append_jsonl(self.path, rec)
         self.records.append(rec)
         return rec

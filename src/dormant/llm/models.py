@@ -10,6 +10,7 @@ bfloat16 (float16 without bf16 support) on GPU.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def _source(name: str) -> tuple[str, dict[str, Any]]:
         from dormant.data import resolve
 
         return str(resolve("stories260k")), {}
-    p = Path(name).expanduser()
+    p = Path(os.path.expanduser(name))
     if p.suffix == ".gguf":
         if not p.is_file():
             raise FileNotFoundError(f"GGUF file not found: {p}")

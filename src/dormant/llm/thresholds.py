@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dormant.artifacts import ArtifactError, load_artifact, save_artifact
+from dormant.config import UsageError
 from dormant.llm.adapters import FFNLayout, Tap
 
 __all__ = ["Thresholds", "normalize_targets"]
@@ -28,16 +29,16 @@ def normalize_targets(sparsity: float | Sequence[float] | dict[int, float], n_la
         t = torch.zeros(n_layers, dtype=torch.float64)
         for layer, v in sparsity.items():
             if not 0 <= int(layer) < n_layers:
-                raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model")
+                raise UsageError(f"layer {layer} out of range for a {n_layers}-layer model")
             t[int(layer)] = float(v)
     elif isinstance(sparsity, (int, float)):
         t = torch.full((n_layers,), float(sparsity), dtype=torch.float64)
     else:
         t = torch.tensor([float(v) for v in sparsity], dtype=torch.float64)
         if len(t) != n_layers:
-            raise ValueError(f"got {len(t)} per-layer targets for a {n_layers}-layer model")
-    if ((t < 0) | (t >= 1)).any():
-        raise ValueError("target sparsities must lie in [0, 1)")
+            raise UsageError(f"got {len(t)} per-layer targets for a {n_layers}-layer model")
+    if not ((t >= 0) & (t < 1)).all():  # also refuses nan
+        raise UsageError("target sparsities must lie in [0, 1)")
     return t
 
 

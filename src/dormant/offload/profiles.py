@@ -42,6 +42,7 @@ IOPS ceiling and by the bandwidth. With equal-size requests this is ``n / X(s, q
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -293,7 +294,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     if key in shipped:
         text, origin = shipped[key].read_text(encoding="utf-8"), f"{key}.yaml"
     else:
-        p = Path(key).expanduser()
+        p = Path(os.path.expanduser(key))
         if not p.is_file():
             raise ProfileError(f"device profile {key!r} is neither a shipped profile "
                                f"({', '.join(sorted(shipped))}) nor a file")

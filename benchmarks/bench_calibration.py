@@ -1,11 +1,14 @@
 """Calibration cost relative to a dense forward over the same tokens (target: <= 1.3x).
 
 Calibration is one streaming pass: a dense forward plus, at each hooked tap, one shift and one
-``bincount`` per tensor (``dormant.llm.stats``). This script times, in one process and interleaved
-(dense, paper, intermediate, dense, ...), a plain dense forward and ``collect_stats`` for each site over
-the same windows, and reports the median ratio. Results are appended to a JSONL file with provenance.
+``bincount`` per tensor (``dormant.llm.stats``), then whatever the method's score and allocation add (CHESS's
+``E|up|`` over two windows, the loss allocation's probe passes, TEAL's greedy replays). This script times, in one
+process and interleaved (dense, method 1, method 2, dense, ...), a plain dense forward and the whole
+``calibrate()`` of each method (``dormant.llm.configs.METHODS`` names or ``site:score:allocation``) over the same
+windows, and reports the median ratio. Results are appended to a JSONL file with provenance.
 
-    python benchmarks/bench_calibration.py --model smollm2-135m --windows 4 --seqlen 2048 --repeats 3
+    python benchmarks/bench_calibration.py --model smollm2-135m --windows 4 --seqlen 2048 --repeats 3 \
+        --methods paper,intermediate,teal,wina,chess,dormant
 """
 
 from __future__ import annotations
@@ -24,25 +27,25 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sites", default="paper,intermediate")
+    ap.add_argument("--methods", default="paper,intermediate,teal,wina,chess,dormant")
+    ap.add_argument("--target", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default="runs/bench/calibration.jsonl")
     args = ap.parse_args()
 
     from dormant.artifacts import append_jsonl
-    from dormant.llm.adapters import ffn_layout
+    from dormant.llm.calibration import calibrate
+    from dormant.llm.configs import CalibrationConfig, parse_method
     from dormant.llm.models import load_model
-    from dormant.llm.sites import site_taps
-    from dormant.llm.stats import StatsConfig, collect_stats
     from dormant.llm.text import load_text, make_windows
     from dormant.report import provenance
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, info = load_model(args.model)
-    layout = ffn_layout(model)
     ids = make_windows(tok, load_text("wikitext2-valid"), args.seqlen, args.windows).ids
-    sites = args.sites.split(",")
+    methods = {name: (site, score, alloc) for name, site, score, alloc in map(parse_method, args.methods.split(","))}
+    sites = list(methods)
 
     def dense() -> float:
         t0 = time.perf_counter()
@@ -51,9 +54,11 @@ def main() -> None:
                 model(ids[i : i + 1], use_cache=False)
         return time.perf_counter() - t0
 
-    def calib(site: str) -> float:
+    def calib(name: str) -> float:
+        site, score, allocation = methods[name]
         t0 = time.perf_counter()
-        collect_stats(model, ids, site_taps(site, layout), StatsConfig(progress=False))
+        calibrate(model, ids, CalibrationConfig(site, [args.target], score=score, allocation=allocation,
+                                                progress=False))
         return time.perf_counter() - t0
 
     dense()  # warm-up
@@ -69,6 +74,8 @@ def main() -> None:
         "tokens": int(ids.numel()),
         "seconds_median": med,
         "ratio_vs_dense": {s: med[s] / med["dense"] for s in sites},
+        "methods": {k: ":".join(v) for k, v in methods.items()},
+        "target": args.target,
         "repeats": args.repeats,
         **provenance(),
     }
@@ -76,7 +83,7 @@ def main() -> None:
     print(f"{info['id']}: {ids.numel()} tokens, {result['torch_threads']} threads, {result['processor']}")
     print(f"  dense forward      {med['dense']:.2f} s")
     for s in sites:
-        print(f"  calibrate {s:<12} {med[s]:.2f} s  = {med[s] / med['dense']:.3f} x dense")
+        print(f"  calibrate {s:<14} {med[s]:7.2f} s  = {med[s] / med['dense']:.3f} x dense   ({':'.join(methods[s])})")
     print(json.dumps(result["ratio_vs_dense"]))
 
 

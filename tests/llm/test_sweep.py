@@ -72,3 +72,36 @@ def test_sweep_report_is_unchanged_by_the_redesign(tmp_path):
                  "--sparsity", "0,0.3,0.5", "--allocation", "uniform,sensitivity", "--refine", "1", "--out", str(out),
                  "--no-progress"]) == 0
     assert (out / "report.md").read_text() == golden.read_text()
+
+
+def test_sweep_of_methods_reports_perplexity_against_linear_bytes_skipped(tmp_path, caplog):
+    out = tmp_path / "methods"
+    args = ["sweep", *SMALL, "--sites", "", "--methods", "teal,wina,chess,dormant,linear:magnitude:greedy",
+            "--sparsity", "0.3,0.5", "--greedy-tokens", "128", "--probe-tokens", "128", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    records = read_jsonl(out / "results.jsonl")
+    methods = sorted((r.get("method", r["site"]), r["target"]) for r in records)
+    assert methods == [("chess", 0.3), ("chess", 0.5), ("dense", 0.0), ("dormant", 0.3), ("dormant", 0.5),
+                       ("linear:magnitude:greedy", 0.3), ("linear:magnitude:greedy", 0.5), ("teal", 0.3),
+                       ("teal", 0.5), ("wina", 0.3), ("wina", 0.5)]
+    for r in records:
+        skipped = r["bytes_skipped"]["fp16"]
+        assert 0.0 <= skipped["fraction"] < 1.0 and set(r["bytes_skipped"]) >= {"fp16", "int8", "int4"}
+        if r.get("method") in ("teal", "wina", "linear:magnitude:greedy"):  # the blocks' budget, measured
+            assert abs(skipped["fraction_no_head"] - r["target"]) < 0.06, r["method"]
+        if r.get("method") == "dormant":  # its budget covers the head too
+            assert abs(skipped["fraction"] - r["target"]) < 0.06
+    report = (out / "report.md").read_text()
+    assert "## Perplexity vs linear weight bytes skipped" in report and "| teal | linear:magnitude:uniform |" in report
+    assert "Protocol: thresholds from 4 x 128 tokens of wikitext2-valid (held out)" in report
+    assert (out / "bytes.png").stat().st_size > 1000
+    assert main(args) == 0 and len(read_jsonl(out / "results.jsonl")) == len(records)  # resumes: nothing new
+
+
+def test_a_bad_method_is_refused_with_the_options(capsys):
+    assert main(["sweep", *SMALL, "--methods", "teal,tael"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tael" in err and "teal-greedy" in err
+    assert main(["sweep", *SMALL, "--methods", "intermediate:wina:greedy"]) == 2
+    assert "use site linear" in capsys.readouterr().err

@@ -70,10 +70,10 @@ def _calibrate(ns: argparse.Namespace) -> int:
     check_seqlens(facts.context, calib_seqlen=dc.calib_seqlen, seqlen=ec.seqlen if dc.calib_on_eval else None,
                   sens_seqlen=oc.sens_seqlen if cc.allocation == "sensitivity" else None)
 
-    from dormant.llm.calibration import calibrate
+    from dormant.llm.calibration import calibrate, calibration_stats
     from dormant.llm.models import load_model
     from dormant.llm.sites import site_taps
-    from dormant.llm.stats import StatsConfig, collect_stats
+    from dormant.llm.stats import StatsConfig
     from dormant.llm.text import calib_description, load_calib_windows, load_text, make_windows
 
     model, tok, info = load_model(mc)
@@ -83,8 +83,9 @@ def _calibrate(ns: argparse.Namespace) -> int:
     if oc.stats_out:
         from dormant.llm.adapters import ffn_layout
 
-        stats = collect_stats(model, cal.ids, site_taps(cc.site, ffn_layout(model)),
-                              StatsConfig(batch_size=cc.batch_size, progress=cc.progress), model_id=info["id"], data=desc)
+        stats = calibration_stats(model, cal.ids, site_taps(cc.site, ffn_layout(model)), cc.score,
+                                  StatsConfig(batch_size=cc.batch_size, progress=cc.progress), model_id=info["id"],
+                                  data=desc)
         stats.save(oc.stats_out)
     sens_windows = None
     if cc.allocation == "sensitivity":
@@ -119,8 +120,13 @@ def _eval(ns: argparse.Namespace) -> int:
     ev = load_eval_windows(tok, ec)
     with sparsified(model, thr, info["id"]), measure_sparsity(model, thr.taps if thr else ()) as meter:
         r = perplexity(model, ev.ids, ec.batch_size)
+    from dormant.llm.accounting import skipped_linear_bytes
+    from dormant.llm.adapters import ffn_layout
+
+    skipped = skipped_linear_bytes(ffn_layout(model), meter.zero(), ["fp16", "int4"])
     out = {"model": info, "eval": ev.describe(), **r.to_dict(), "sparsity": meter.summary()["per_tap"],
-           "neuron_sparsity": meter.summary()["neuron"], "thresholds": xc.thresholds}
+           "neuron_sparsity": meter.summary()["neuron"], "thresholds": xc.thresholds,
+           "linear_bytes_skipped": {f: {k: v[k] for k in ("fraction", "fraction_no_head")} for f, v in skipped.items()}}
     if thr is not None and thr.calibration.get("calib_on_eval"):
         out["note"] = "thresholds were calibrated on evaluation text (paper protocol)"
     print(json.dumps(out, indent=1))

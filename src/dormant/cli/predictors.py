@@ -1,4 +1,5 @@
-"""``dormant predictor fit | eval`` and ``dormant predictability``; flags map 1:1 onto config dataclasses.
+"""``dormant predictor fit | eval``, ``dormant predictability`` and ``dormant predict-inputs``; flags map 1:1 onto
+config dataclasses.
 
 Predictor hyperparameters carry the predictor's prefix: ``--lowrank-rank``, ``--early-layer-mode``,
 ``--cluster-k`` (only the flags of the chosen ``--kind`` matter).
@@ -14,11 +15,12 @@ from dormant.cli.checks import check_artifact, check_artifacts, check_seqlens, m
 from dormant.config import add_config_args, config_from_args
 from dormant.experiments.configs import (
     FitRunConfig,
+    InputPredictionConfig,
     PairsConfig,
     PredictabilityConfig,
     PredictorEvalConfig,
 )
-from dormant.llm.configs import EvalConfig, ModelConfig
+from dormant.llm.configs import CalibDataConfig, EvalConfig, ModelConfig, check_calibration_text
 from dormant.llm.predictors.configs import ClusterConfig, EarlyLayerConfig, LowRankConfig
 
 KIND_CONFIGS = {"lowrank": ("lowrank-", LowRankConfig), "early_layer": ("early-layer-", EarlyLayerConfig),
@@ -46,6 +48,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_args(s, cls, skip=("max_windows", "batch_size"))
     s.add_argument("--thresholds", default=None, help="Thresholds artifact to apply (dense if unset)")
     s.set_defaults(handler=_predictability)
+
+    s = sub.add_parser("predict-inputs", help="predict layer l+1's active q/k/v input columns from layer l's "
+                                              "residual stream: recall vs density, and simulated prefetch")
+    for cls in (ModelConfig, CalibDataConfig, EvalConfig):
+        add_config_args(s, cls)
+    add_config_args(s, InputPredictionConfig, skip=("model", "calib", "eval"))
+    s.set_defaults(handler=_predict_inputs)
+
+
+def _predict_inputs(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(InputPredictionConfig, ns, model=config_from_args(ModelConfig, ns),
+                           calib=config_from_args(CalibDataConfig, ns), eval=config_from_args(EvalConfig, ns))
+    check_calibration_text(cfg.calib, cfg.eval)
+    check_seqlens(model_context(cfg.model), seqlen=cfg.eval.seqlen, calib_seqlen=cfg.calib.calib_seqlen)
+
+    from dormant.experiments.input_prediction import run_input_prediction
+
+    result = run_input_prediction(cfg)
+    for r in result["predictor"]:
+        print(f"recall target {r['recall_target']:g}: held-out recall {r['recall']:.4f}, density "
+              f"{r['pred_density']:.3f} vs {r['true_density']:.3f} ({r['density_ratio']:.2f}x)")
+    print(f"report: {Path(cfg.out) / 'report.md'}")
+    return 0
 
 
 def _fit(ns: argparse.Namespace) -> int:

@@ -11,9 +11,17 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from dormant.artifacts import config_key
-from dormant.config import checked, field, in_dir, in_file, out_dir, out_file
+from dormant.config import UsageError, checked, field, in_dir, in_file, out_dir, out_file
 from dormant.formats import FORMATS
-from dormant.llm.configs import ALLOCATIONS, DEFAULT_EPS, SITE_NAMES, CalibDataConfig, EvalConfig, ModelConfig
+from dormant.llm.configs import (
+    ALLOCATIONS,
+    DEFAULT_EPS,
+    SITE_NAMES,
+    CalibDataConfig,
+    EvalConfig,
+    ModelConfig,
+    check_method,
+)
 from dormant.snn.configs import DATASET_NAMES, ZOO_MODELS, device_problem
 
 __all__ = ["SweepConfig", "AnalyzeConfig", "AccountConfig", "PairsConfig", "FitRunConfig", "PredictorEvalConfig",
@@ -62,20 +70,31 @@ class SweepConfig:
     model: ModelConfig
     calib: CalibDataConfig
     eval: EvalConfig
-    sites: list[str] = field(default_factory=lambda: ["paper", "intermediate"], help="sites to sweep",
-                             choices=SITE_NAMES, nonempty=True)
+    sites: list[str] = field(default_factory=lambda: ["paper", "intermediate"], choices=SITE_NAMES,
+                             help="sites to sweep (x --allocation); --sites '' with --methods sweeps methods only")
     sparsity: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.35, 0.4, 0.45, 0.5],
                                   help="target sparsities in [0, 1) (0 = the dense model)", ge=0.0, lt=1.0,
                                   nonempty=True)
     allocation: list[str] = field(default_factory=lambda: ["uniform"], choices=ALLOCATIONS, nonempty=True,
                                   help="per-layer allocation: uniform (the paper) and/or sensitivity (dormant.llm.allocate)")
+    methods: list[str] = field(default_factory=list, check=lambda v: next(filter(None, map(check_method, v)), None),
+                               help="methods to compare by linear weight bytes skipped, each a name (paper, "
+                                    "intermediate, gate_act, teal, teal-greedy, wina, wina-greedy, chess, dormant, "
+                                    "dormant-blocks) or site:score:allocation; swept at every --sparsity besides "
+                                    "the --sites x --allocation grid (none by default)")
     refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
                                "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
                                "calibration)", ge=0)
+    greedy_tokens: int = field(512, help="calibration tokens of TEAL's greedy search", ge=16)
+    probe_tokens: int = field(512, help="calibration tokens of the loss allocation's probes", ge=16)
     sens_windows: int = field(2, help="calibration windows for the per-layer sensitivity profile", ge=1)
     sens_seqlen: int = field(512, help="tokens per sensitivity window", ge=2)
     out: str = field("runs/sweep", help="output folder (results.jsonl, report.md, sweep.png)", check=out_dir)
     progress: bool = field(True, help="show progress bars")
+
+    def __post_init__(self):
+        if not self.sites and not self.methods:
+            raise UsageError("nothing to sweep: give --sites, --methods or both")
 
     def key_config(self) -> dict[str, Any]:
         """What identifies the measurement: points measured under another configuration are not mixed in."""
@@ -247,12 +266,18 @@ class SimulateConfig:
     out: str = field("runs/offload/sim", help="output folder", check=out_dir)
 
 
+TRACE_TAPS = ("mid", "act", "gate", "up", "q_in", "k_in", "v_in", "qkv_in", "o_in", "gate_in", "up_in")
+
+
 @dataclass
 @checked
 class TraceConfig:
     thresholds: str | None = field(None, help="Thresholds artifact to apply before recording (dense if unset)",
                                    check=in_file)
     max_tokens: int = field(4096, help="tokens to record (from the start of the evaluation text)", ge=1)
+    tap: str = field("mid", choices=TRACE_TAPS,
+                     help="what a unit is: an FFN neuron (mid: active neurons; act: non-zero act(gate); gate; up) or "
+                          "one weight column of a linear whose input is traced (q_in ... up_in: input sparsity)")
     out: str = field("runs/offload/trace.safetensors", help="where to write the ActivationTrace", check=out_file)
 
 
@@ -360,3 +385,39 @@ class DemoConfig:
     qcfs_images: int = field(2000, help="LeNet comparison step: MNIST training images for the QCFS fine-tuning",
                              ge=1)
     fresh: bool = field(False, help="rerun steps that already finished")
+
+
+@dataclass
+@checked
+class InputPredictionConfig:
+    """``dormant predict-inputs``: the residual-stream predictor of layer l+1's active q/k/v input channels."""
+
+    model: ModelConfig
+    calib: CalibDataConfig
+    eval: EvalConfig
+    method: str = field("teal", check=check_method,
+                        help="the input-sparsity method whose active channels are predicted (a --methods name of "
+                             "dormant sweep, or site:score:allocation, with a q/k/v input tap)")
+    target: float = field(0.5, help="its target sparsity", ge=0.0, lt=1.0)
+    tap: Literal["q_in", "k_in", "v_in", "qkv_in"] = field("q_in", help="the predicted tap (qkv_in: fused models)")
+    recalls: list[float] = field(default_factory=lambda: [0.9, 0.95, 0.99], gt=0.0, le=1.0, nonempty=True,
+                                 help="recalls to fit tau for (on calibration text) and score (on evaluation text)")
+    simulate_recall: float = field(0.99, help="the recall whose predicted trace is simulated", gt=0.0, le=1.0)
+    trace_tokens: int = field(4096, help="evaluation tokens traced and simulated", ge=64)
+    profiles: list[str] = field(default_factory=lambda: ["rpi5-nvme"], nonempty=True,
+                                check=lambda v: next((f"{p!r} {_profile(p)}" for p in v if _profile(p)), None),
+                                help="device profiles of the simulation")
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5], gt=0.0, le=1.0, nonempty=True,
+                                 help="DRAM for the traced linear's weights, as fractions of them")
+    out: str = field("runs/input-prediction", help="output folder (report.md, results.json, traces, sim/)",
+                     check=out_dir)
+    progress: bool = field(True, help="show progress bars")
+
+    def __post_init__(self):
+        from dormant.llm.configs import parse_method
+
+        if self.simulate_recall not in self.recalls:
+            raise UsageError(f"--simulate-recall {self.simulate_recall:g} is not among --recalls")
+        if parse_method(self.method)[1] not in ("linear", "linear_head", "chess"):
+            raise UsageError(f"method {self.method!r} thresholds no q/k/v input; use one with site linear, "
+                             "linear_head or chess (q only)")

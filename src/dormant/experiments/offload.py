@@ -253,6 +253,7 @@ def record_trace(model_cfg, eval_cfg, cfg: TraceConfig, progress: bool = True) -
         The trace (also saved to ``cfg.out``); ``source`` holds the text, thresholds and resident
         parameter counts (``params``).
     """
+    from dormant.llm.adapters import Tap
     from dormant.llm.masks import collect_trace, resident_params
     from dormant.llm.models import load_model
     from dormant.llm.sparsify import sparsified
@@ -265,7 +266,7 @@ def record_trace(model_cfg, eval_cfg, cfg: TraceConfig, progress: bool = True) -
     src: dict[str, Any] = {"text": ev.describe(), "thresholds_path": cfg.thresholds, "params": resident_params(model)}
     with sparsified(model, thr, info["id"]):
         trace = collect_trace(model, ev.ids, model_id=info["id"], source=src, max_tokens=cfg.max_tokens,
-                              progress=progress)
+                              progress=progress, tap=Tap(cfg.tap))
     trace.save(cfg.out)
     return trace
 

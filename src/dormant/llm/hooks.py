@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from dormant.llm.adapters import FFNLayout, Tap
+from dormant.llm.adapters import FFNLayout, Tap, TapPoint
 
 __all__ = ["TapFn", "register_tap_hooks", "tap_hooks"]
 
@@ -27,15 +27,18 @@ def register_tap_hooks(
 ) -> list[RemovableHandle]:
     """Register hooks calling ``fn`` on ``taps`` of ``layers`` (default: all); returns the handles."""
     taps = tuple(taps)
-    groups: dict[tuple[str, str], list[tuple[Tap, int | None]]] = defaultdict(list)
+    groups: dict[TapPoint, list[tuple[Tap, int | None]]] = defaultdict(list)
     for tap in taps:
         p = layout.tap_point(tap)
-        groups[(p.module, p.direction)].append((tap, p.half))
+        groups[TapPoint(p.module, p.direction, None, p.scope)].append((tap, p.half))
     handles = []
+    last = layout.n_layers - 1
     for layer in range(layout.n_layers) if layers is None else layers:
-        for (name, direction), members in groups.items():
-            module = layout.module(layer, name) if name else layout.ffns[layer]
-            if direction == "in":
+        for point, members in groups.items():
+            if point.scope == "head" and layer != last:
+                continue  # the LM head runs once, after the last layer: its tap carries that layer's index
+            module = layout.point_module(layer, point)
+            if point.direction == "in":
                 handles.append(module.register_forward_pre_hook(_pre_hook(layer, members, fn)))
             else:
                 handles.append(module.register_forward_hook(_post_hook(layer, members, fn)))
@@ -43,11 +46,20 @@ def register_tap_hooks(
 
 
 def _apply(layer: int, members, fn: TapFn, x: torch.Tensor) -> torch.Tensor | None:
-    if members[0][1] is None:  # whole tensor (a module carries at most one whole-tensor tap)
-        return fn(layer, members[0][0], x)
-    halves = list(x.chunk(2, dim=-1))
-    changed = False
+    """``fn`` on each member tap in order; whole-tensor taps see the previous ones' result (e.g. ``FFN_IN`` then
+    ``UP_IN`` on the input of a fused gate_up), half taps (fused gate | up outputs) see their half."""
+    out, changed = x, False
     for tap, half in members:
+        if half is not None:
+            continue
+        y = fn(layer, tap, out)
+        if y is not None:
+            out, changed = y, True
+    halves_of = [(tap, half) for tap, half in members if half is not None]
+    if not halves_of:
+        return out if changed else None
+    halves = list(out.chunk(2, dim=-1))
+    for tap, half in halves_of:
         y = fn(layer, tap, halves[half])
         if y is not None:
             halves[half], changed = y, True

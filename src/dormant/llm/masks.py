@@ -33,16 +33,20 @@ def collect_trace(
     """Record the non-zero masks of ``model`` (dense or sparsified) over ``windows`` ``[n, seqlen]``.
 
     By default the tap is ``MID`` (active neurons); ``tap=Tap.ACT`` records where ``act(gate)`` is
-    non-zero, what a gate-first executor knows before touching ``up``. Only intermediate-sized taps
-    (``GATE``, ``UP``, ``ACT``, ``MID``) make sense here.
+    non-zero, what a gate-first executor knows before touching ``up``. An input tap of a block linear
+    (``Q_IN`` ... ``UP_IN``, input sparsity) records its active *columns*: each "neuron" of the trace is then one
+    weight column of that linear (``source["unit"]``: one vector of ``out_features``), and the rest of the model
+    counts as resident (``source["params"]``), so ``dormant simulate`` replays input sparsity too.
     """
     from tqdm.auto import tqdm
 
     from dormant.llm.sparsify import active_thresholds
 
     layout = ffn_layout(model)
-    if tap not in (Tap.GATE, Tap.UP, Tap.ACT, Tap.MID) or tap not in layout.taps():
-        raise ValueError(f"tap {tap.value!r} is not an intermediate-sized tap of this FFN")
+    column = next((lin for lin in layout.linears() if lin.tap is tap and tap not in (Tap.MID, Tap.HEAD_IN)), None)
+    if column is None and (tap not in (Tap.GATE, Tap.UP, Tap.ACT, Tap.MID) or tap not in layout.taps()):
+        options = [t.value for t in layout.taps() if t not in (Tap.FFN_IN, Tap.OUT, Tap.HEAD_IN)]
+        raise ValueError(f"tap {tap.value!r} cannot be traced; choose from {', '.join(options)}")
     chunks: list[list[torch.Tensor]] = [[] for _ in range(layout.n_layers)]
 
     def record(layer: int, tap: Tap, x: torch.Tensor) -> None:
@@ -61,9 +65,15 @@ def collect_trace(
     if thr is not None:
         src["thresholds"] = {"site": thr.site, "mean_target": float(thr.targets.mean()), "calibration": thr.calibration}
     src.update(source or {})
+    n_units = layout.intermediate_size
+    if column is not None:  # the unit is one column of this linear; everything else of a layer stays resident
+        n_units = column.in_features
+        src["unit"] = {"linear": column.name, "vectors": 1, "length": column.out_features}
+        per_layer = sum(p.numel() for p in layout.layers[0].parameters()) - column.in_features * column.out_features
+        src["params"] = {"attn_per_layer": int(per_layer), "head": resident_params(model, layout)["head"]}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     meta = {"id": model_id or getattr(model.config, "_name_or_path", None), "dtype": dtype, **layout.describe()}
-    return ActivationTrace(packed, layout.intermediate_size, meta, src)
+    return ActivationTrace(packed, n_units, meta, src)
 
 
 def resident_params(model: nn.Module, layout: FFNLayout | None = None) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Apply thresholds in place (``sparsify_``), undo them (``unsparsify_``), and measure sparsity.
 
-``sparsify_`` registers one forward hook per thresholded tap that zeroes entries with ``|a| < T``
-(``masked_fill``, so NaNs pass through and ``T = 0`` leaves every value bit-identical). No module
+``sparsify_`` registers one forward hook per thresholded tap that zeroes entries with ``|a| < T`` (or
+``|a_c| < T / s_c`` per channel for a scored tap; :class:`~dormant.llm.thresholds.Thresholds`) with
+``masked_fill``, so NaNs pass through and ``T = 0`` leaves every value bit-identical. No module
 is replaced and no forward is patched: parameter names, ``state_dict``, ``generate()`` and the KV
 cache behave as before, and prefill and decode tokens are thresholded alike (as in the paper).
 """
@@ -60,11 +61,20 @@ def sparsify_(model: nn.Module, thresholds: Thresholds, model_id: str | None = N
     thresholds.validate(layout, model_id)
     if model in _ACTIVE:
         unsparsify_(model)
-    table = {(layer, tap): thresholds.value(layer, tap) for layer in range(layout.n_layers) for tap in thresholds.taps}
+    table = {(layer, tap): thresholds.channel_thresholds(layer, tap)
+             for layer in range(layout.n_layers) for tap in thresholds.taps}
+    device = next(model.parameters()).device
+    table = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in table.items()}
+    active = {k for k, v in table.items() if (bool((v > 0).any()) if isinstance(v, torch.Tensor) else v > 0)}
 
     def enforce(layer: int, tap: Tap, x: torch.Tensor) -> torch.Tensor | None:
+        if (layer, tap) not in active:
+            return None  # T = 0 everywhere: bit-identical to dense
         t = table[(layer, tap)]
-        return x.masked_fill(x.abs() < t, 0) if t > 0 else None
+        if isinstance(t, torch.Tensor) and (t.device != x.device or t.dtype != x.dtype):
+            t = t.to(device=x.device, dtype=x.dtype)  # compare in the activation's dtype, as a scalar would be
+            table[(layer, tap)] = t
+        return x.masked_fill(x.abs() < t, 0)
 
     handles = register_tap_hooks(layout, thresholds.taps, enforce)
     _ACTIVE[model] = _State(SparsifyState(thresholds, frozenset(h.id for h in handles)), handles)
@@ -120,12 +130,13 @@ class SparsityMeter:
     """Counts exact zeros per (layer, tap) in the forward passes run while it is active.
 
     ``MID`` is always measured: its zero fraction is the **neuron-level sparsity**, the fraction of
-    FFN neurons (per token) whose weights in ``down`` need not be read.
+    FFN neurons (per token) whose weights in ``down`` need not be read; so is ``ACT`` for gated FFNs (a zero
+    ``act(gate)`` also spares the neuron's up row).
     """
 
     def __init__(self, layout: FFNLayout, taps: Sequence[Tap]):
         self.layout = layout
-        self.taps = tuple(dict.fromkeys((*taps, Tap.MID)))
+        self.taps = tuple(dict.fromkeys((*taps, Tap.MID, *((Tap.ACT,) if layout.gated else ()))))
         self.zeros = torch.zeros(layout.n_layers, len(self.taps), dtype=torch.float64)
         self.total = torch.zeros(layout.n_layers, len(self.taps), dtype=torch.float64)
         self._pending: list[tuple[int, int, torch.Tensor, int]] = []
@@ -147,10 +158,17 @@ class SparsityMeter:
         self._flush()
         return self.zeros / self.total.clamp(min=1)
 
+    def zero(self) -> dict[tuple[int, Tap], float]:
+        """``{(layer, tap): zero fraction}`` (the LM head's ``HEAD_IN`` under the last layer)."""
+        frac = self.fraction()
+        return {(layer, t): float(frac[layer, j]) for j, t in enumerate(self.taps)
+                for layer in range(self.layout.n_layers) if self.total[layer, j] > 0}
+
     def summary(self) -> dict:
         frac = self.fraction()
         out = {
-            "per_tap": {t.value: float(frac[:, j].mean()) for j, t in enumerate(self.taps)},
+            "per_tap": {t.value: float(frac[self.total[:, j] > 0, j].mean()) if (self.total[:, j] > 0).any() else 0.0
+                        for j, t in enumerate(self.taps)},
             "per_layer": {t.value: frac[:, j].tolist() for j, t in enumerate(self.taps)},
             "neuron": float(frac[:, self.taps.index(Tap.MID)].mean()),
         }

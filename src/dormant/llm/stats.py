@@ -179,6 +179,8 @@ class ActivationStats:
     model: dict[str, Any]  # FFNLayout.describe() plus "id"
     data: dict[str, Any] = field(default_factory=dict)  # what text, how many windows/tokens
     seconds: float = 0.0
+    scales: dict[Tap, torch.Tensor] = field(default_factory=dict)  # per-channel score scales [n_layers, C]
+    score: str = "magnitude"
 
     KIND = "dormant.ActivationStats"
     VERSION = 1
@@ -191,9 +193,14 @@ class ActivationStats:
         return layer * len(self.taps) + self.taps.index(tap)
 
     def quantiles(self, q: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
-        """``[n_layers, n_taps]`` values below which a fraction ``q`` (scalar or per layer) of |a| lies."""
+        """``[n_layers, n_taps]`` values below which a fraction ``q`` (scalar, per layer ``[n_layers]`` or per tap
+        ``[n_layers, n_taps]``) of the scores lies."""
         q = torch.as_tensor(q, dtype=torch.float64)
-        if q.ndim == 1:
+        if q.ndim == 2:
+            if tuple(q.shape) != (self.n_layers, len(self.taps)):
+                raise ValueError(f"per-tap targets {tuple(q.shape)} do not match {self.n_layers} x {len(self.taps)}")
+            q = q.flatten()
+        elif q.ndim == 1:
             if len(q) != self.n_layers:
                 raise ValueError(f"got {len(q)} per-layer targets for {self.n_layers} layers")
             q = q.repeat_interleave(len(self.taps))
@@ -216,21 +223,31 @@ class ActivationStats:
         """The :class:`~dormant.llm.thresholds.Thresholds` reaching ``sparsity`` (one value, or per layer)."""
         targets = normalize_targets(sparsity, self.n_layers)
         finite = self.hist.counts.sum(-1).view(self.n_layers, len(self.taps))
-        empty = (finite == 0).nonzero().tolist()
+        expected = torch.ones_like(finite, dtype=torch.bool)
+        if Tap.HEAD_IN in self.taps:  # the LM head is read once, under the last layer only
+            expected[:-1, self.taps.index(Tap.HEAD_IN)] = False
+        empty = ((finite == 0) & expected).nonzero().tolist()
         if empty:
             layer, j = empty[0]
             raise CalibrationError(
                 f"calibration saw no finite activation at layer {layer}, tap {self.taps[j].value} "
                 f"({int(self.nonfinite()[layer, j])} NaN/Inf values dropped, {len(empty)} (layer, tap) pairs empty): "
                 "no threshold can be read; check the model's dtype and the calibration text")
+        values = self.quantiles(targets)
+        values[~expected] = 0.0
+        if targets.ndim == 2:
+            targets = targets.clone()
+            targets[~expected] = 0.0
         return Thresholds(
-            values=self.quantiles(targets),
+            values=values,
             targets=targets,
             taps=self.taps,
             site=site,
             model=dict(self.model),
             calibration=dict(self.data),
             nonfinite=self.nonfinite().clone(),
+            scales={t: v.clone() for t, v in self.scales.items()},
+            score=self.score,
         )
 
     def subset(self, taps: Sequence[Tap]) -> ActivationStats:
@@ -241,7 +258,8 @@ class ActivationStats:
         idx = torch.tensor([self.stream(layer, t) for layer in range(self.n_layers) for t in taps])
         state = {k: v[idx] for k, v in self.hist.state().items()}
         hist = MagnitudeHistogram.from_state(state, self.hist.params())
-        return ActivationStats(hist, tuple(taps), dict(self.model), dict(self.data), self.seconds)
+        return ActivationStats(hist, tuple(taps), dict(self.model), dict(self.data), self.seconds,
+                               {t: v for t, v in self.scales.items() if t in taps}, self.score)
 
     def save(self, path: str | Path) -> Path:
         meta = {
@@ -250,14 +268,19 @@ class ActivationStats:
             "data": self.data,
             "seconds": self.seconds,
             "hist": self.hist.params(),
+            "score": self.score,
         }
-        return save_artifact(path, self.KIND, self.VERSION, self.hist.state(), meta)
+        tensors = {**self.hist.state(), **{f"scale.{t.value}": v for t, v in self.scales.items()}}
+        return save_artifact(path, self.KIND, self.VERSION, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationStats:
         tensors, meta, _ = load_artifact(path, cls.KIND, (cls.VERSION,))
-        hist = MagnitudeHistogram.from_state(tensors, meta["hist"])
-        return cls(hist, tuple(Tap(t) for t in meta["taps"]), meta["model"], meta["data"], meta["seconds"])
+        hist = MagnitudeHistogram.from_state({k: v for k, v in tensors.items() if not k.startswith("scale.")},
+                                             meta["hist"])
+        scales = {Tap(k.removeprefix("scale.")): v for k, v in tensors.items() if k.startswith("scale.")}
+        return cls(hist, tuple(Tap(t) for t in meta["taps"]), meta["model"], meta["data"], meta["seconds"], scales,
+                   meta.get("score", "magnitude"))
 
 
 @dataclass
@@ -275,8 +298,13 @@ def collect_stats(
     model_id: str | None = None,
     data: dict[str, Any] | None = None,
     under: Thresholds | None = None,
+    scales: dict[Tap, torch.Tensor] | None = None,
+    score: str = "magnitude",
 ) -> ActivationStats:
     """One streaming pass over ``windows`` (``[n, seqlen]`` token ids) summarising |a| at ``taps``.
+
+    ``scales``: per-channel score scales ``{tap: [n_layers, C]}``; those taps are summarised as ``|a_c| * s_c``
+    (WINA, CHESS; :mod:`dormant.llm.thresholds`), and the statistics carry the scales to their thresholds.
 
     No activation is stored: each hooked tensor is binned and dropped. Thresholds for any target are
     read from the result afterwards (:meth:`ActivationStats.thresholds`).
@@ -292,8 +320,15 @@ def collect_stats(
     taps = tuple(taps)
     hist = MagnitudeHistogram(layout.n_layers * len(taps), mantissa_bits=config.mantissa_bits)
     index = {tap: j for j, tap in enumerate(taps)}
+    scales = {Tap(t): torch.as_tensor(v, dtype=torch.float32) for t, v in (scales or {}).items()}
+    on_device: dict[tuple[int, Tap], torch.Tensor] = {}
 
     def observe(layer: int, tap: Tap, x: torch.Tensor) -> None:
+        if tap in scales:
+            s = on_device.get((layer, tap))
+            if s is None or s.device != x.device:
+                s = on_device[(layer, tap)] = scales[tap][layer].to(x.device)
+            x = x.detach().float().abs() * s
         hist.update(layer * len(taps) + index[tap], x)
 
     if under is not None and sparsify_state(model) is not None:
@@ -311,4 +346,4 @@ def collect_stats(
     data.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), tokens=int(windows.numel()))
     if under is not None:
         data["under_thresholds"] = {"site": under.site, "mean_target": float(under.targets.mean())}
-    return ActivationStats(hist, taps, meta, data, time.perf_counter() - t0)
+    return ActivationStats(hist, taps, meta, data, time.perf_counter() - t0, scales, score)

@@ -61,6 +61,8 @@ class FFNGeometry:
         gated: SwiGLU/GeGLU FFN (3 matrices) or not (2).
         attn_params: resident non-FFN parameters read per layer and token (attention projections).
         head_params: parameters read once per token outside the layers (the LM head).
+        vectors: weight vectors of ``hidden_size`` per unit when not an FFN neuron's ``3`` / ``2`` (a trace of
+            one linear's input columns: 1 vector of that linear's output size; ``source["unit"]``).
     """
 
     n_layers: int
@@ -69,9 +71,12 @@ class FFNGeometry:
     gated: bool = True
     attn_params: int = 0
     head_params: int = 0
+    vectors: int | None = None
 
     @property
     def n_mats(self) -> int:
+        if self.vectors is not None:
+            return self.vectors
         return 3 if self.gated else 2
 
     def neuron_bytes(self, fmt: WeightFormat) -> int:
@@ -97,6 +102,10 @@ class FFNGeometry:
         params = trace.source.get("params", {})
         attn = int(params.get("attn_per_layer", 4 * d * d))
         head = int(params.get("head", (m.get("vocab_size") or 0) * d))
+        unit = trace.source.get("unit")
+        if unit is not None:  # one linear's input columns (dormant.llm.masks.collect_trace)
+            return cls(int(m.get("n_layers", trace.n_layers)), int(unit["length"]), trace.n_neurons,
+                       bool(m.get("gated", True)), attn, head, int(unit["vectors"]))
         return cls(int(m.get("n_layers", trace.n_layers)), d, trace.n_neurons, bool(m.get("gated", True)), attn, head)
 
 

@@ -1,0 +1,483 @@
+// One decode step of a pre-norm decoder-only transformer, in one C call: token -> logits.
+// Specification: dormant/llm/decode/reference.py (the same step in torch); the Python side
+// (dormant/kernels/decode_step.py) builds this file, describes the weights with ctypes structs and
+// calls dormant_decode_step once per token.
+//
+// The block (Llama / Mistral / Qwen2 / Qwen3 / Gemma shapes; the caller folds Gemma's 1 + w into the
+// norm weights and its sqrt(d) into emb_scale):
+//   x = emb[token] * emb_scale
+//   per layer:  a = rmsnorm(x) * w_attn;  q, k, v = Wq a (+bq), Wk a (+bk), Wv a (+bv)
+//               [q, k = rmsnorm per head * w_qn / w_kn]; q, k = rope(q, k, pos); cache[pos] = k, v
+//               o = softmax(q K^T * scale) V per head (GQA: head h reads kv head h / (H / H_kv))
+//               x += Wo o (+bo);  f = rmsnorm(x) * w_ffn
+//               g = Wg f; u = Wu f; h = act(g) * u; x += Wd h
+//   logits = W_head (rmsnorm(x) * w_final)
+// with the sparsity of the step's plan: a projection whose weight is in the cols layout reads only
+// the input channels with not |x_i| < t_i (its threshold vector); the FFN "mid" threshold zeroes
+// |h| < mid before down (down in cols reads only the survivors); the "act" threshold (CATS) zeroes
+// |act(g)| < act, then only the surviving up rows (a row gather) and down columns are read.
+//
+// Threads: one OpenMP parallel region per step (the runtime torch loaded), barriers between
+// dependent phases. Each GEMV splits its output rows (rows layout) or output blocks (cols layout)
+// over the threads; norms, input quantisation and active-channel lists are tiny and computed by every
+// thread into its own scratch, which saves a barrier each. Attention splits heads.
+// KV cache: fp32 [slots][layers][2][kv_heads][max_seq][head_dim], preallocated by the caller.
+
+#include "gemv.cpp"
+
+namespace dstep {
+
+using namespace dg;
+
+// ctypes mirrors (dormant/kernels/decode_step.py) ------------------------------------------------
+
+struct MatDesc {
+  const void* data;
+  int64_t out, in;
+  int32_t fmt, layout;
+  const float* thr;   // [in] input thresholds (cols layout) or null (every channel)
+  const float* bias;  // [out] or null
+};
+
+struct LayerDesc {
+  const float* attn_norm;
+  const float* ffn_norm;
+  const float* q_norm;  // [head_dim] or null
+  const float* k_norm;
+  MatDesc q, k, v, o, gate, up, down;
+  float mid;  // FFN intermediate threshold (0: off)
+  float act;  // act(gate) threshold, CATS (0: off)
+};
+
+struct ModelDesc {
+  int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, inter, vocab, max_seq;
+  float eps, emb_scale, attn_scale;
+  int32_t act_fn;  // 0 silu, 1 gelu_tanh
+  MatDesc emb;     // [vocab, dim], rows layout
+  MatDesc head;    // [vocab, dim], rows layout
+  const float* final_norm;
+  const float* rope_cos;  // [max_seq, head_dim]
+  const float* rope_sin;
+  const LayerDesc* layers;
+};
+
+// Optional per-layer tensors recorded during a step (calibration): null pointers are skipped.
+struct TraceDesc {
+  float* attn_in;  // [n_layers, dim]    input of q/k/v (after the norm)
+  float* o_in;     // [n_layers, H * hd] input of o (attention output)
+  float* ffn_in;   // [n_layers, dim]    input of gate/up
+  float* act;      // [n_layers, inter]  act(gate), before the act threshold
+  float* mid;      // [n_layers, inter]  act(g) * u, before the mid threshold (the input of down)
+};
+
+enum Proj { PQ = 0, PK, PV, PO, PGATE, PUP, PDOWN, NPROJ };
+
+// Engine state ---------------------------------------------------------------------------------
+
+struct Scratch {  // one per thread
+  std::vector<float> xn;
+  XQBuf xq;
+  std::vector<int32_t> idx;
+  std::vector<float> xv;
+  std::vector<float> scores;
+};
+
+struct Engine {
+  ModelDesc m;
+  std::vector<LayerDesc> layers;
+  float* kv;
+  int64_t n_slots;
+  std::vector<float> x, q, k, v, att, ybuf, g, u, h, hc;
+  std::vector<Scratch> scratch;
+  std::vector<int64_t> counts;  // [n_layers][NPROJ] channels (cols) / rows (gather) read, summed over steps
+  int64_t steps = 0;
+};
+
+inline int64_t pad(int64_t n) { return nblocks(n) * QK; }
+
+inline Mat mat(const MatDesc& d) { return make_mat(d.data, d.out, d.in, d.fmt, d.layout); }
+
+inline void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out) {
+  float ss = 0.0f;
+  int64_t i = 0;
+#ifdef DG_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  ss = hsum(acc);
+#endif
+  for (; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t j = 0; j < n; ++j) out[j] = (x[j] * inv) * w[j];
+}
+
+inline float activation(float g, int32_t fn) {
+  if (fn == 0) return g / (1.0f + std::exp(-g));
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef DG_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  s = hsum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Dequantise row r of a rows-layout matrix into out[in] (the embedding lookup).
+inline void row_to_float(const Mat& m, int64_t r, float scale, float* out) {
+  const uint8_t* row = m.data + r * m.stride;
+  if (m.fmt == F32) {
+    const float* p = reinterpret_cast<const float*>(row);
+    for (int64_t i = 0; i < m.in; ++i) out[i] = p[i] * scale;
+  } else if (m.fmt == BF16) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(row);
+    for (int64_t i = 0; i < m.in; ++i) out[i] = bf16_to_float(p[i]) * scale;
+  } else {
+    const int64_t bb = block_bytes(m.fmt);
+    for (int64_t i = 0; i < m.in; ++i) {
+      const uint8_t* blk = row + (i / QK) * bb;
+      const int j = static_cast<int>(i % QK);
+      float w;
+      if (m.fmt == Q8_0) {
+        w = f16_at(blk) * static_cast<float>(reinterpret_cast<const int8_t*>(blk + 2)[j]);
+      } else {
+        const uint8_t* qs = blk + (m.fmt == Q4_0 ? 2 : 4);
+        const int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+        w = m.fmt == Q4_0 ? f16_at(blk) * static_cast<float>(q - 8) : f16_at(blk) * static_cast<float>(q) + f16_at(blk + 2);
+      }
+      out[i] = w * scale;
+    }
+  }
+}
+
+// This thread's share of y = W x (+ bias) for one projection. rows: output rows [lo, hi); cols:
+// output blocks, y padded. x: the input (shared or this thread's copy); s.xq already holds x
+// quantised when W is rows + quantised; for cols, s.idx / s.xv / n_act hold the active channels.
+inline void project(const MatDesc& d, const float* x, const Scratch& s, const XQ& xq, int64_t n_act, int t, int T,
+                    float* y, int64_t* lo_out, int64_t* hi_out) {
+  const Mat m = mat(d);
+  int64_t lo, hi;
+  if (d.layout == ROWS) {
+    split(d.out, 1, t, T, &lo, &hi);
+    rows_range(m, x, xq, lo, hi, y);
+  } else {
+    int64_t b0, b1;
+    split(nblocks(d.out), 1, t, T, &b0, &b1);
+    cols_range(m, s.idx.data(), s.xv.data(), n_act, b0, b1, y);
+    lo = std::min(d.out, b0 * QK);
+    hi = std::min(d.out, b1 * QK);
+  }
+  if (d.bias != nullptr)
+    for (int64_t r = lo; r < hi; ++r) y[r] += d.bias[r];
+  *lo_out = lo;
+  *hi_out = hi;
+}
+
+// Prepare this thread's view of an input x[n] for the projections that read it: the quantisation
+// (if any rows-layout quantised weight reads it) and, per cols-layout weight, the active list.
+inline bool needs_xq(const MatDesc& d) { return d.layout == ROWS && quantized(d.fmt); }
+
+inline int64_t active_of(const MatDesc& d, const float* x, Scratch& s) {
+  return select_active(x, d.thr, d.in, s.idx.data(), s.xv.data());
+}
+
+void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits, int T, const TraceDesc* tr) {
+  const ModelDesc& M = e.m;
+  const int64_t D = M.dim, H = M.n_heads, HK = M.n_kv_heads, hd = M.head_dim, I = M.inter;
+  const int64_t group = H / HK;
+  float* kv_slot = e.kv + slot * M.n_layers * 2 * HK * M.max_seq * hd;
+  float* X = e.x.data();
+  float *Q = e.q.data(), *K = e.k.data(), *V = e.v.data(), *A = e.att.data(), *Y = e.ybuf.data();
+  float *G = e.g.data(), *U = e.u.data(), *Hh = e.h.data(), *HC = e.hc.data();
+  const float* cosp = M.rope_cos + pos * hd;
+  const float* sinp = M.rope_sin + pos * hd;
+  const bool count = true;
+  int64_t* counts = e.counts.data();
+
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num();
+    const int TT = omp_get_num_threads();
+    Scratch& s = e.scratch[t];
+    if (t == 0) row_to_float(mat(M.emb), token, M.emb_scale, X);
+#pragma omp barrier
+    for (int64_t l = 0; l < M.n_layers; ++l) {
+      const LayerDesc& L = e.layers[l];
+      float* kc = kv_slot + (l * 2 + 0) * HK * M.max_seq * hd;
+      float* vc = kv_slot + (l * 2 + 1) * HK * M.max_seq * hd;
+      int64_t lo, hi;
+      // ---- attention input and q, k, v
+      rmsnorm(X, L.attn_norm, D, M.eps, s.xn.data());
+      if (tr != nullptr && tr->attn_in != nullptr && t == 0) std::memcpy(tr->attn_in + l * D, s.xn.data(), D * 4);
+      const XQ xq = s.xq.view(std::max(D, std::max(H * hd, I)));
+      if (needs_xq(L.q) || needs_xq(L.k) || needs_xq(L.v)) quantize_x(s.xn.data(), D, XQ{xq.q, xq.d, xq.s, xq.ds, nblocks(D)});
+      const XQ xqa{xq.q, xq.d, xq.s, xq.ds, nblocks(D)};
+      const MatDesc* qkv[3] = {&L.q, &L.k, &L.v};
+      float* outs[3] = {Q, K, V};
+      for (int p = 0; p < 3; ++p) {
+        int64_t n_act = 0;
+        if (qkv[p]->layout == COLS) {
+          n_act = active_of(*qkv[p], s.xn.data(), s);
+          if (count && t == 0) counts[l * NPROJ + p] += n_act;
+        }
+        project(*qkv[p], s.xn.data(), s, xqa, n_act, t, TT, outs[p], &lo, &hi);
+      }
+#pragma omp barrier
+      // ---- q/k norms, RoPE, cache write: units = q heads then kv heads
+      for (int64_t unit = t; unit < H + HK; unit += TT) {
+        float* vec = unit < H ? Q + unit * hd : K + (unit - H) * hd;
+        const float* nw = unit < H ? L.q_norm : L.k_norm;
+        if (nw != nullptr) rmsnorm(vec, nw, hd, M.eps, vec);
+        const int64_t half = hd / 2;
+        for (int64_t j = 0; j < half; ++j) {
+          const float a = vec[j], b = vec[j + half];
+          vec[j] = a * cosp[j] - b * sinp[j];
+          vec[j + half] = b * cosp[j + half] + a * sinp[j + half];
+        }
+        if (unit >= H) {
+          const int64_t g = unit - H;
+          std::memcpy(kc + (g * M.max_seq + pos) * hd, vec, hd * 4);
+          std::memcpy(vc + (g * M.max_seq + pos) * hd, V + g * hd, hd * 4);
+        }
+      }
+#pragma omp barrier
+      // ---- attention over positions 0..pos, heads split over threads
+      s.scores.resize(pos + 1);
+      for (int64_t hh = t; hh < H; hh += TT) {
+        const float* qh = Q + hh * hd;
+        const int64_t g = hh / group;
+        const float* kg = kc + g * M.max_seq * hd;
+        const float* vg = vc + g * M.max_seq * hd;
+        float mx = -INFINITY;
+        for (int64_t p = 0; p <= pos; ++p) {
+          s.scores[p] = dot(qh, kg + p * hd, hd) * M.attn_scale;
+          mx = std::max(mx, s.scores[p]);
+        }
+        float sum = 0.0f;
+        for (int64_t p = 0; p <= pos; ++p) {
+          s.scores[p] = std::exp(s.scores[p] - mx);
+          sum += s.scores[p];
+        }
+        const float inv = 1.0f / sum;
+        float* out = A + hh * hd;
+        std::fill(out, out + hd, 0.0f);
+        for (int64_t p = 0; p <= pos; ++p) {
+          const float w = s.scores[p] * inv;
+          const float* vp = vg + p * hd;
+          for (int64_t j = 0; j < hd; ++j) out[j] += w * vp[j];
+        }
+      }
+#pragma omp barrier
+      // ---- o projection + residual
+      if (tr != nullptr && tr->o_in != nullptr && t == 0) std::memcpy(tr->o_in + l * H * hd, A, H * hd * 4);
+      {
+        int64_t n_act = 0;
+        const XQ xqo{xq.q, xq.d, xq.s, xq.ds, nblocks(H * hd)};
+        if (needs_xq(L.o)) quantize_x(A, H * hd, xqo);
+        if (L.o.layout == COLS) {
+          n_act = active_of(L.o, A, s);
+          if (count && t == 0) counts[l * NPROJ + PO] += n_act;
+        }
+        project(L.o, A, s, xqo, n_act, t, TT, Y, &lo, &hi);
+        for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+      }
+#pragma omp barrier
+      // ---- FFN
+      rmsnorm(X, L.ffn_norm, D, M.eps, s.xn.data());
+      if (tr != nullptr && tr->ffn_in != nullptr && t == 0) std::memcpy(tr->ffn_in + l * D, s.xn.data(), D * 4);
+      if (needs_xq(L.gate) || needs_xq(L.up)) quantize_x(s.xn.data(), D, xqa);
+      {
+        int64_t n_act = 0;
+        if (L.gate.layout == COLS) {
+          n_act = active_of(L.gate, s.xn.data(), s);
+          if (count && t == 0) counts[l * NPROJ + PGATE] += n_act;
+        }
+        project(L.gate, s.xn.data(), s, xqa, n_act, t, TT, G, &lo, &hi);
+      }
+      const bool cats = L.act > 0.0f;
+      if (!cats) {
+        int64_t n_act = 0;
+        if (L.up.layout == COLS) {
+          n_act = active_of(L.up, s.xn.data(), s);
+          if (count && t == 0) counts[l * NPROJ + PUP] += n_act;
+        }
+        project(L.up, s.xn.data(), s, xqa, n_act, t, TT, U, &lo, &hi);
+      }
+#pragma omp barrier
+      int64_t i0, i1;
+      split(I, 1, t, TT, &i0, &i1);
+      if (!cats) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const float hv = activation(G[i], M.act_fn) * U[i];
+          if (tr != nullptr && tr->act != nullptr) tr->act[l * I + i] = activation(G[i], M.act_fn);
+          if (tr != nullptr && tr->mid != nullptr) tr->mid[l * I + i] = hv;
+          Hh[i] = std::fabs(hv) < L.mid ? 0.0f : hv;
+        }
+#pragma omp barrier
+        // ---- down + residual
+        if (L.down.layout == ROWS) {
+          const XQ xqh{xq.q, xq.d, xq.s, xq.ds, nblocks(I)};
+          if (quantized(L.down.fmt)) quantize_x(Hh, I, xqh);
+          project(L.down, Hh, s, xqh, 0, t, TT, Y, &lo, &hi);
+        } else {
+          const int64_t n_act = active_of(L.down, Hh, s);
+          if (count && t == 0) counts[l * NPROJ + PDOWN] += n_act;
+          project(L.down, Hh, s, xqa, n_act, t, TT, Y, &lo, &hi);
+        }
+        for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+      } else {
+        // CATS: a = Z(act(g), act); only rows of up and columns of down of a != 0 are read.
+        for (int64_t i = i0; i < i1; ++i) {
+          const float a = activation(G[i], M.act_fn);
+          if (tr != nullptr && tr->act != nullptr) tr->act[l * I + i] = a;
+          Hh[i] = std::fabs(a) < L.act ? 0.0f : a;
+        }
+#pragma omp barrier
+        int64_t n = 0;
+        for (int64_t i = 0; i < I; ++i)
+          if (Hh[i] != 0.0f) s.idx[n++] = static_cast<int32_t>(i);
+        if (count && t == 0) counts[l * NPROJ + PUP] += n;
+        int64_t k0, k1;
+        split(n, 1, t, TT, &k0, &k1);
+        gather_range(mat(L.up), s.xn.data(), xqa, s.idx.data(), k0, k1, HC);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int32_t i = s.idx[k];
+          float hv = Hh[i] * HC[k];
+          if (tr != nullptr && tr->mid != nullptr) tr->mid[l * I + i] = hv;
+          if (std::fabs(hv) < L.mid || (L.down.thr != nullptr && std::fabs(hv) < L.down.thr[i])) hv = 0.0f;
+          HC[k] = hv;
+        }
+        if (tr != nullptr && tr->mid != nullptr)  // inactive neurons: act(g) was zeroed, so h = 0
+          for (int64_t i = i0; i < i1; ++i)
+            if (Hh[i] == 0.0f) tr->mid[l * I + i] = 0.0f;
+#pragma omp barrier
+        int64_t na = 0;
+        for (int64_t k = 0; k < n; ++k)
+          if (HC[k] != 0.0f) {
+            s.idx[na] = s.idx[k];
+            s.xv[na++] = HC[k];
+          }
+        if (count && t == 0) counts[l * NPROJ + PDOWN] += na;
+        int64_t b0, b1;
+        split(nblocks(D), 1, t, TT, &b0, &b1);
+        cols_range(mat(L.down), s.idx.data(), s.xv.data(), na, b0, b1, Y);
+        lo = std::min(D, b0 * QK);
+        hi = std::min(D, b1 * QK);
+        for (int64_t r = lo; r < hi; ++r) X[r] += Y[r] + (L.down.bias != nullptr ? L.down.bias[r] : 0.0f);
+      }
+#pragma omp barrier
+    }
+    // ---- final norm and LM head (rows layout)
+    rmsnorm(X, M.final_norm, D, M.eps, s.xn.data());
+    const XQ xq = s.xq.view(D);
+    if (quantized(M.head.fmt)) quantize_x(s.xn.data(), D, xq);
+    int64_t lo, hi;
+    split(M.vocab, 1, t, TT, &lo, &hi);
+    rows_range(mat(M.head), s.xn.data(), xq, lo, hi, logits);
+  }
+  e.steps += 1;
+}
+
+bool check_mat(const MatDesc& d, int64_t out, int64_t in) {
+  return d.data != nullptr && d.out == out && d.in == in && valid_fmt(d.fmt) && (d.layout == ROWS || d.layout == COLS);
+}
+
+}  // namespace dstep
+
+extern "C" {
+
+// Returns a new engine, or null if the description is inconsistent (the Python side validates first
+// and names the problem). kv: fp32 [n_slots][n_layers][2][n_kv_heads][max_seq][head_dim].
+void* dormant_decode_create(const dstep::ModelDesc* m, float* kv, int64_t n_slots) {
+  using namespace dstep;
+  if (m == nullptr || kv == nullptr || m->n_heads % m->n_kv_heads != 0 || m->head_dim % 2 != 0) return nullptr;
+  if (!check_mat(m->emb, m->vocab, m->dim) || m->emb.layout != ROWS) return nullptr;
+  if (!check_mat(m->head, m->vocab, m->dim) || m->head.layout != ROWS) return nullptr;
+  const int64_t D = m->dim, Hd = m->n_heads * m->head_dim, KVd = m->n_kv_heads * m->head_dim, I = m->inter;
+  for (int64_t l = 0; l < m->n_layers; ++l) {
+    const LayerDesc& L = m->layers[l];
+    if (!check_mat(L.q, Hd, D) || !check_mat(L.k, KVd, D) || !check_mat(L.v, KVd, D) || !check_mat(L.o, D, Hd) ||
+        !check_mat(L.gate, I, D) || !check_mat(L.up, I, D) || !check_mat(L.down, D, I))
+      return nullptr;
+    if (L.act > 0.0f && (L.up.layout != ROWS || L.down.layout != COLS)) return nullptr;
+    if (L.mid > 0.0f && L.down.layout != COLS) return nullptr;
+  }
+  Engine* e = new Engine();
+  e->m = *m;
+  e->layers.assign(m->layers, m->layers + m->n_layers);
+  e->m.layers = nullptr;
+  e->kv = kv;
+  e->n_slots = n_slots;
+  e->x.assign(pad(D), 0.0f);
+  e->q.assign(pad(Hd), 0.0f);
+  e->k.assign(pad(KVd), 0.0f);
+  e->v.assign(pad(KVd), 0.0f);
+  e->att.assign(pad(Hd), 0.0f);
+  e->ybuf.assign(pad(D), 0.0f);
+  e->g.assign(pad(I), 0.0f);
+  e->u.assign(pad(I), 0.0f);
+  e->h.assign(pad(I), 0.0f);
+  e->hc.assign(pad(I), 0.0f);
+  e->counts.assign(m->n_layers * NPROJ, 0);
+  return e;
+}
+
+void dormant_decode_destroy(void* handle) { delete static_cast<dstep::Engine*>(handle); }
+
+// logits[vocab] for token at position pos of KV slot `slot`. trace may be null. Returns 0, or -1
+// (token / pos / slot out of range).
+int32_t dormant_decode_step(void* handle, int64_t token, int64_t pos, int64_t slot, float* logits, int32_t n_threads,
+                            const dstep::TraceDesc* trace) {
+  using namespace dstep;
+  Engine& e = *static_cast<Engine*>(handle);
+  if (token < 0 || token >= e.m.vocab || pos < 0 || pos >= e.m.max_seq || slot < 0 || slot >= e.n_slots) return -1;
+  const int T = n_threads > 0 ? n_threads : 1;
+  if (static_cast<int>(e.scratch.size()) < T) {
+    e.scratch.resize(T);
+    const int64_t width = std::max(e.m.dim, std::max(e.m.n_heads * e.m.head_dim, e.m.inter));
+    for (auto& s : e.scratch) {
+      s.xn.assign(pad(width), 0.0f);
+      s.idx.assign(pad(width), 0);
+      s.xv.assign(pad(width), 0.0f);
+      s.xq.view(width);
+    }
+  }
+  run_step(e, token, pos, slot, logits, T, trace);
+  return 0;
+}
+
+// n rows, row b: tokens[b] at positions[b] in slot slots[b] -> logits[b * vocab]. Each row is its own
+// batch-1 step (its own active sets), so the weights are read once per row.
+int32_t dormant_decode_step_batch(void* handle, const int64_t* tokens, const int64_t* positions, const int64_t* slots,
+                                  int64_t n, float* logits, int32_t n_threads) {
+  using namespace dstep;
+  Engine& e = *static_cast<Engine*>(handle);
+  for (int64_t b = 0; b < n; ++b) {
+    const int32_t rc = dormant_decode_step(handle, tokens[b], positions[b], slots[b], logits + b * e.m.vocab, n_threads, nullptr);
+    if (rc != 0) return rc;
+  }
+  return 0;
+}
+
+// counts[n_layers * 7]: channels (cols) / rows (CATS up gather) read per projection, summed over
+// steps; returns the number of steps. reset != 0 zeroes them.
+int64_t dormant_decode_counts(void* handle, int64_t* out, int32_t reset) {
+  using namespace dstep;
+  Engine& e = *static_cast<Engine*>(handle);
+  std::memcpy(out, e.counts.data(), e.counts.size() * sizeof(int64_t));
+  const int64_t steps = e.steps;
+  if (reset) {
+    std::fill(e.counts.begin(), e.counts.end(), 0);
+    e.steps = 0;
+  }
+  return steps;
+}
+}

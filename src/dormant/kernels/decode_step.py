@@ -31,6 +31,7 @@ __all__ = [
     "DecoderWeights",
     "DecodeStep",
     "TRACE_SITES",
+    "PHASES",
     "library",
 ]
 
@@ -44,6 +45,9 @@ LAYOUT_RULES = {
     "up when act is set (CATS row gather)": "rows",
     "embedding and LM head": "rows",
 }
+# Phases DecodeStep.profile() reports, in step order (thread 0's wall time, waits at barriers included;
+# "qkv" includes the attention norm, "act" the FFN activation, "head" the final norm).
+PHASES = ("qkv", "rope", "attention", "o", "gate_up", "act", "down", "head")
 # Tensors DecodeStep.step(trace=...) can record per layer, and their width (a DecoderWeights attribute).
 TRACE_SITES = {"attn_in": "dim", "o_in": "attn_dim", "ffn_in": "dim", "act": "inter", "mid": "inter"}
 
@@ -54,22 +58,27 @@ class LayerWeights:
 
     Attributes:
         attn_norm, ffn_norm: RMSNorm weights ``[dim]`` (float32; Gemma's ``1 + w`` already folded in).
-        q, k, v, o, gate, up, down: the projections (``[out, in]`` as ``nn.Linear``).
+        q, k, v, o, gate, up, down: the projections (``[out, in]`` as ``nn.Linear``); None for parts of a fused weight.
         q_bias, k_bias, v_bias, o_bias: ``[out]`` float32 or None.
         q_norm, k_norm: per-head RMSNorm weights ``[head_dim]`` (Qwen3) or None.
         thresholds: projection name -> input threshold vector ``[in]`` float32 (that projection is cols).
         mid: threshold on ``act(g) * u`` (None: off).
         act: threshold on ``act(g)`` (None: off).
+        qkv: q, k and v stacked along the output in one cols weight ``[H hd + 2 H_kv hd, dim]`` (or None), when
+            their input thresholds are one vector: each input channel's column is then one longer run of bytes.
+            q/k/v must be None and ``thresholds["q"]`` (= k = v) applies.
+        qkv_bias: ``[bq | bk | bv]`` of a fused qkv with biases (the q/k/v biases are then None).
+        gate_up: gate and up stacked likewise (``[2 inter, dim]``, cols; not with act).
     """
 
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
-    q: PackedWeight
-    k: PackedWeight
-    v: PackedWeight
+    q: PackedWeight | None
+    k: PackedWeight | None
+    v: PackedWeight | None
     o: PackedWeight
-    gate: PackedWeight
-    up: PackedWeight
+    gate: PackedWeight | None
+    up: PackedWeight | None
     down: PackedWeight
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
@@ -80,6 +89,22 @@ class LayerWeights:
     thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
     mid: float | None = None
     act: float | None = None
+    qkv: PackedWeight | None = None
+    gate_up: PackedWeight | None = None
+    qkv_bias: torch.Tensor | None = None
+
+    def fused_of(self, name: str) -> PackedWeight | None:
+        """The fused weight projection ``name`` is part of, or None."""
+        if name in ("q", "k", "v"):
+            return self.qkv
+        if name in ("gate", "up"):
+            return self.gate_up
+        return None
+
+    def weights(self) -> list[PackedWeight]:
+        """Every stored projection weight (fused ones once)."""
+        out = [getattr(self, p) for p in PROJECTIONS if getattr(self, p) is not None]
+        return out + [w for w in (self.qkv, self.gate_up) if w is not None]
 
     def expected_layout(self, name: str) -> str:
         """The layout projection ``name`` must have under this layer's sparsity (see :data:`LAYOUT_RULES`)."""
@@ -134,7 +159,7 @@ class DecoderWeights:
         """Bytes of weights a dense step reads (projections and the LM head; the embedding reads one row)."""
         total = self.head.nbytes()
         for layer in self.layers:
-            total += sum(getattr(layer, p).nbytes() for p in PROJECTIONS)
+            total += sum(w.nbytes() for w in layer.weights())
         return total
 
     def validate(self) -> None:
@@ -159,8 +184,26 @@ class DecoderWeights:
             for t, v in (("mid", layer.mid), ("act", layer.act)):
                 if v is not None and not v > 0:
                     raise ValueError(f"layer {n}: {t} threshold must be > 0 or None, got {v}")
+            for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+                fw = getattr(layer, fused)
+                if fw is None:
+                    continue
+                rows = sum(shapes[p][0] for p in parts)
+                if fw.shape != (rows, d) or fw.layout != "cols" or any(getattr(layer, p) is not None for p in parts):
+                    raise ValueError(f"layer {n}: {fused} must be a cols [{rows}, {d}] weight with {'/'.join(parts)} None")
+                if any(shapes[p][0] % 32 for p in parts):
+                    raise ValueError(f"layer {n}: {fused} needs each part's outputs in whole blocks of 32")
+                t = [layer.thresholds.get(p) for p in parts]
+                if t[0] is None or any(x is None or not torch.equal(x, t[0]) for x in t):
+                    raise ValueError(f"layer {n}: {fused} needs one threshold vector for {', '.join(parts)}")
+                if fused == "gate_up" and layer.act is not None:
+                    raise ValueError(f"layer {n}: gate_up cannot be fused with act (CATS gathers up rows)")
             for p in PROJECTIONS:
                 w = getattr(layer, p)
+                if w is None:
+                    if layer.fused_of(p) is None:
+                        raise ValueError(f"layer {n} {p}: missing weight")
+                    continue
                 if w.shape != shapes[p]:
                     raise ValueError(f"layer {n} {p}: expected shape {list(shapes[p])}, got {list(w.shape)}")
                 want = layer.expected_layout(p)
@@ -170,8 +213,8 @@ class DecoderWeights:
                         f"(rules: {LAYOUT_RULES})"
                     )
                 t = layer.thresholds.get(p)
-                if t is not None and (t.shape != (w.in_features,) or t.dtype != torch.float32):
-                    raise ValueError(f"layer {n} {p}: thresholds must be float32 [{w.in_features}], got {t.dtype} {list(t.shape)}")
+                if t is not None and (t.shape != (shapes[p][1],) or t.dtype != torch.float32):
+                    raise ValueError(f"layer {n} {p}: thresholds must be float32 [{shapes[p][1]}], got {t.dtype} {list(t.shape)}")
             for p in layer.thresholds:
                 if p not in PROJECTIONS:
                     raise ValueError(f"layer {n}: unknown projection {p!r}; projections: {', '.join(PROJECTIONS)}")
@@ -189,7 +232,7 @@ class _Mat(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _p), ("ffn_norm", _p), ("q_norm", _p), ("k_norm", _p)] + [
         (p, _Mat) for p in PROJECTIONS
-    ] + [("mid", _f32), ("act", _f32)]
+    ] + [("mid", _f32), ("act", _f32), ("qkv", _Mat), ("gate_up", _Mat)]
 
 
 class _Model(ctypes.Structure):
@@ -206,17 +249,16 @@ class _Trace(ctypes.Structure):
 
 
 _LOCK = threading.Lock()
-_LIB: ctypes.CDLL | None = None
+_LIBS: dict[tuple[str, ...], ctypes.CDLL] = {}
 
 
-def library() -> ctypes.CDLL:
+def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The loaded decode-step library (built on first call; it includes ``gemv.cpp``, whose hash is a build flag
-    so that editing it rebuilds this library too)."""
-    global _LIB
+    so that editing it rebuilds this library too). ``extra_flags`` builds a variant (A/B timing, fallbacks)."""
     with _LOCK:
-        if _LIB is None:
+        if extra_flags not in _LIBS:
             gemv_hash = hashlib.sha256((_build.CSRC / "gemv.cpp").read_bytes()).hexdigest()[:16]
-            lib = _build.load(SOURCE, (f"-DDORMANT_GEMV_SOURCE={gemv_hash}",))
+            lib = _build.load(SOURCE, (f"-DDORMANT_GEMV_SOURCE={gemv_hash}", *extra_flags))
             lib.dormant_decode_create.argtypes = [ctypes.POINTER(_Model), _p, _i64]
             lib.dormant_decode_create.restype = _p
             lib.dormant_decode_destroy.argtypes = [_p]
@@ -225,10 +267,12 @@ def library() -> ctypes.CDLL:
             lib.dormant_decode_step.restype = _i32
             lib.dormant_decode_step_batch.argtypes = [_p, _p, _p, _p, _i64, _p, _i32]
             lib.dormant_decode_step_batch.restype = _i32
+            lib.dormant_decode_profile.argtypes = [_p, _p, _i32, _i32]
+            lib.dormant_decode_profile.restype = None
             lib.dormant_decode_counts.argtypes = [_p, _p, _i32]
             lib.dormant_decode_counts.restype = _i64
-            _LIB = lib
-        return _LIB
+            _LIBS[extra_flags] = lib
+        return _LIBS[extra_flags]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -243,7 +287,9 @@ def _f32(t: torch.Tensor | None, keep: list) -> torch.Tensor | None:
     return t
 
 
-def _mat(w: PackedWeight, thr: torch.Tensor | None, bias: torch.Tensor | None, keep: list) -> _Mat:
+def _mat(w: PackedWeight | None, thr: torch.Tensor | None, bias: torch.Tensor | None, keep: list) -> _Mat:
+    if w is None:
+        return _Mat()  # all zero: absent (a part of a fused weight, or no fused weight)
     keep.append(w.data)
     return _Mat(w.data.data_ptr(), w.out_features, w.in_features, w.format.code, LAYOUTS[w.layout],
                 _ptr(_f32(thr, keep)), _ptr(_f32(bias, keep)))  # fmt: skip
@@ -263,9 +309,11 @@ class DecodeStep:
         slots: independent sequences (KV caches).
         threads: OpenMP threads per step; None: ``torch.get_num_threads()`` at each step, capped at one thread
             per :data:`MIN_BYTES_PER_THREAD` of weights.
+        extra_flags: compiler flags of a library variant (e.g. ``("-mno-avx512f",)``; see :func:`library`).
     """
 
-    def __init__(self, weights: DecoderWeights, max_seq: int, slots: int = 1, threads: int | None = None):
+    def __init__(self, weights: DecoderWeights, max_seq: int, slots: int = 1, threads: int | None = None,
+                 extra_flags: tuple[str, ...] = ()):  # fmt: skip
         weights.validate()
         if not 0 < max_seq <= weights.rope_cos.shape[0]:
             raise ValueError(f"max_seq must be in [1, {weights.rope_cos.shape[0]}] (the rope table), got {max_seq}")
@@ -285,6 +333,8 @@ class DecodeStep:
                 _ptr(_f32(lw.q_norm, self._keep)), _ptr(_f32(lw.k_norm, self._keep)),
                 *[_mat(getattr(lw, p), lw.thresholds.get(p), bias.get(p), self._keep) for p in PROJECTIONS],
                 lw.mid or 0.0, lw.act or 0.0,
+                _mat(lw.qkv, lw.thresholds.get("q"), lw.qkv_bias, self._keep),
+                _mat(lw.gate_up, lw.thresholds.get("gate"), None, self._keep),
             )  # fmt: skip
         self._layers = layers
         cos, sin = _f32(w.rope_cos[:max_seq], self._keep), _f32(w.rope_sin[:max_seq], self._keep)
@@ -295,7 +345,7 @@ class DecodeStep:
             ctypes.cast(layers, ctypes.POINTER(_Layer)),
         )  # fmt: skip
         self.kv = torch.zeros(slots, w.n_layers, 2, w.n_kv_heads, max_seq, w.head_dim, dtype=torch.float32)
-        self._lib = library()
+        self._lib = library(extra_flags)
         self._handle = self._lib.dormant_decode_create(ctypes.byref(self._model), self.kv.data_ptr(), slots)
         if not self._handle:
             raise ValueError("the C engine rejected the weights description (validate() passed; this is a bug)")
@@ -363,6 +413,12 @@ class DecodeStep:
         out = torch.zeros(self.weights.n_layers, len(PROJECTIONS), dtype=torch.int64)
         steps = self._lib.dormant_decode_counts(self._handle, out.data_ptr(), int(reset))
         return out, int(steps)
+
+    def profile(self, enable: bool = True, reset: bool = True) -> dict[str, float]:
+        """Seconds spent per phase (:data:`PHASES`) since profiling was last reset; then turn profiling on or off."""
+        out = torch.zeros(len(PHASES), dtype=torch.int64)
+        self._lib.dormant_decode_profile(self._handle, out.data_ptr(), int(enable), int(reset))
+        return {p: float(v) * 1e-9 for p, v in zip(PHASES, out.tolist())}
 
     def reset(self) -> None:
         """Zero every KV slot."""

@@ -48,6 +48,21 @@ def quantile_plan(n_layers: int, widths: dict[str, int], target: float, mid: flo
     return SparsityPlan(layers, {"kind": "test"})
 
 
+def shared_input_plan(n_layers: int, widths: dict[str, int], target: float, mid: float | None = None,
+                      seed: int = 0) -> SparsityPlan:  # fmt: skip
+    """Like :func:`quantile_plan`, but projections reading one tensor share one vector (as TEAL calibrates
+    them): q/k/v and gate/up, which the packers then fuse into one cols weight each."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(n_layers):
+        attn = torch.rand(widths["q"], generator=gen) * 2 * target
+        ffn = torch.rand(widths["gate"], generator=gen) * 2 * target
+        inputs = {"q": attn, "k": attn, "v": attn, "gate": ffn, "up": ffn,
+                  "o": torch.rand(widths["o"], generator=gen) * 2 * target}  # fmt: skip
+        layers.append(LayerPlan(inputs, mid=mid))
+    return SparsityPlan(layers, {"kind": "test-shared"})
+
+
 def widths_of(config) -> dict[str, int]:
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     d, a = config.hidden_size, config.num_attention_heads * hd

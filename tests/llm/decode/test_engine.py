@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from dormant.llm.decode import Engine, LayerPlan, SparsityPlan, UnsupportedDecodeError, pack_model
-from tests.llm.decode.helpers import FAMILY_CONFIGS, quantile_plan, tiny_model, widths_of, zeroing_hooks
+from tests.llm.decode.helpers import (
+    FAMILY_CONFIGS,
+    quantile_plan,
+    shared_input_plan,
+    tiny_model,
+    widths_of,
+    zeroing_hooks,
+)
 
 # fp32 engine vs HF fp32: the same operations, different summation order and exp/rsqrt implementations.
 ATOL_SCALE = 1e-5
@@ -31,12 +38,14 @@ def test_fp32_engine_is_the_hf_model(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
-@pytest.mark.parametrize("kind", ["inputs+mid", "cats"])
+@pytest.mark.parametrize("kind", ["inputs+mid", "cats", "fused"])
 def test_plan_equals_hf_with_zeroing_hooks(model_type, kind):
     model = tiny_model(model_type)
     w = widths_of(model.config)
     if kind == "inputs+mid":
         plan = quantile_plan(2, w, 0.4, mid=0.02)
+    elif kind == "fused":  # q/k/v and gate/up share thresholds: one cols weight each (qwen2: with the qkv bias)
+        plan = shared_input_plan(2, w, 0.4, mid=0.02)
     else:
         plan = quantile_plan(2, w, 0.4, act=0.05, mid=0.005, projections=["q", "k", "v", "o", "gate", "down"])
     ids = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(3))

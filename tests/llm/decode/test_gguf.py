@@ -6,7 +6,7 @@ import torch
 
 from dormant.kernels.blocks import unpack
 from dormant.llm.decode import Engine, ReferenceStep, UnsupportedDecodeError, pack_gguf, pack_model
-from tests.llm.decode.helpers import quantile_plan, tiny_model, widths_of, write_tiny_gguf
+from tests.llm.decode.helpers import quantile_plan, shared_input_plan, tiny_model, widths_of, write_tiny_gguf
 from tests.llm.decode.test_step import TOL
 
 TYPES = {"embedding": "Q8_0", "q": "Q4_0", "k": "Q4_1", "v": "Q8_0", "o": "F32", "gate": "Q4_0", "up": "Q4_1",
@@ -69,11 +69,16 @@ def test_sparse_plans_repack_the_columns_they_need(tiny_gguf):
     assert w.decoder.layers[0].q.layout == "cols" and w.decoder.layers[0].q.fmt == "q4_0"
     assert w.decoder.layers[0].k.layout == "rows"
     assert any("blk.1.ffn_down.weight: Q8_0 -> q8_0 cols" == c for c in w.info["conversions"])
+    fused = pack_gguf(path, plan=shared_input_plan(2, widths_of(model.config), 0.4), positions=32, convert_to="q8_0")
+    assert fused.decoder.layers[0].qkv.fmt == "q8_0" and fused.decoder.layers[0].q is None
+    with pytest.raises(UnsupportedDecodeError, match="fusing q/k/v needs one target format"):
+        pack_gguf(path, plan=shared_input_plan(2, widths_of(model.config), 0.4), positions=32)
     ids = torch.arange(6)
-    engine, ref = Engine(w, 32), ReferenceStep(w.decoder, 32)
-    for i, t in enumerate(ids):
-        a, b = engine.step(int(t), i), ref.step(int(t), i)
-        torch.testing.assert_close(a, b, rtol=0, atol=TOL["q4_0"] * float(b.abs().max()))
+    for weights in (w, fused):
+        engine, ref = Engine(weights, 32), ReferenceStep(weights.decoder, 32)
+        for i, t in enumerate(ids):
+            a, b = engine.step(int(t), i), ref.step(int(t), i)
+            torch.testing.assert_close(a, b, rtol=0, atol=TOL["q4_0"] * float(b.abs().max()))
 
 
 def test_types_without_a_kernel_need_an_explicit_conversion(tmp_path):

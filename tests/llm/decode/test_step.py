@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dormant.llm.decode import Engine, ReferenceStep, pack_model, random_weights
-from tests.llm.decode.helpers import FAMILY_CONFIGS, quantile_plan, tiny_model, widths_of
+from tests.llm.decode.helpers import FAMILY_CONFIGS, quantile_plan, shared_input_plan, tiny_model, widths_of
 
 FORMATS = ["fp32", "bf16", "q8_0", "q4_0", "q4_1"]
 # Float formats: the same fp32 products summed in another order (a few ulps of the logit scale).
@@ -20,6 +20,7 @@ def plans(config):
         "dense": None,
         "inputs+mid": quantile_plan(config.num_hidden_layers, w, 0.4, mid=0.02),  # all 7 projections
         "cats": quantile_plan(config.num_hidden_layers, w, 0.4, act=0.05, mid=0.005, projections=["q", "o", "gate", "down"]),
+        "fused": shared_input_plan(config.num_hidden_layers, w, 0.4, mid=0.02),
     }
 
 
@@ -36,7 +37,10 @@ def test_c_step_matches_reference(model_type, fmt):
     model = tiny_model(model_type)
     ids = torch.randint(0, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(1))
     for name, plan in plans(model.config).items():
-        got, want = run_both(pack_model(model, fmt, plan=plan, positions=32), ids)
+        weights = pack_model(model, fmt, plan=plan, positions=32)
+        fused = [lw.qkv is not None and lw.gate_up is not None for lw in weights.decoder.layers]
+        assert all(fused) == (name == "fused") and any(fused) == (name == "fused")
+        got, want = run_both(weights, ids)
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, rtol=0, atol=TOL[fmt] * scale, msg=f"{model_type} {fmt} {name}")
 

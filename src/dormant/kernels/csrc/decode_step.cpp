@@ -23,6 +23,8 @@
 // thread into its own scratch, which saves a barrier each. Attention splits heads.
 // KV cache: fp32 [slots][layers][2][kv_heads][max_seq][head_dim], preallocated by the caller.
 
+#include <chrono>
+
 #include "gemv.cpp"
 
 namespace dstep {
@@ -47,6 +49,10 @@ struct LayerDesc {
   MatDesc q, k, v, o, gate, up, down;
   float mid;  // FFN intermediate threshold (0: off)
   float act;  // act(gate) threshold, CATS (0: off)
+  // Fused cols weights (data null: not fused): [q | k | v] and [gate | up] stacked along the output, one
+  // longer column per input channel (their inputs share one threshold vector). q/k/v (gate/up) are then
+  // empty and the fused bias holds [bq | bk | bv].
+  MatDesc qkv, gate_up;
 };
 
 struct ModelDesc {
@@ -72,6 +78,15 @@ struct TraceDesc {
 
 enum Proj { PQ = 0, PK, PV, PO, PGATE, PUP, PDOWN, NPROJ };
 
+// Phases of a step timed by thread 0 when profiling (each ends at a barrier, so waiting for the
+// slowest thread is included): see PHASES in decode_step.py.
+enum Phase { T_QKV = 0, T_ROPE, T_ATTN, T_O, T_GATE_UP, T_ACT, T_DOWN, T_HEAD, NPHASE };
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // Engine state ---------------------------------------------------------------------------------
 
 struct Scratch {  // one per thread
@@ -87,10 +102,12 @@ struct Engine {
   std::vector<LayerDesc> layers;
   float* kv;
   int64_t n_slots;
-  std::vector<float> x, q, k, v, att, ybuf, g, u, h, hc;
+  std::vector<float> x, q, k, v, att, ybuf, g, u, h, hc, qkv, gu;
   std::vector<Scratch> scratch;
   std::vector<int64_t> counts;  // [n_layers][NPROJ] channels (cols) / rows (gather) read, summed over steps
   int64_t steps = 0;
+  bool profile = false;
+  int64_t phase_ns[NPHASE] = {0};
 };
 
 inline int64_t pad(int64_t n) { return nblocks(n) * QK; }
@@ -117,6 +134,74 @@ inline float activation(float g, int32_t fn) {
   if (fn == 0) return g / (1.0f + std::exp(-g));
   const float c = 0.7978845608028654f;  // sqrt(2 / pi)
   return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+}
+
+#ifdef DG_AVX2
+// e^x for 8 floats: 2^n e^r with n = rint(x / ln 2), r = x - n ln 2 (ln 2 split in two), e^r by the
+// Cephes expf polynomial (about 1 ulp); x clamped to [-87.3, 88.3] (no inf, no denormal results).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// act(g) for 8 floats: silu g / (1 + e^-g); gelu_tanh 0.5 g (1 + tanh(z)), tanh(z) = 1 - 2 / (1 + e^2z).
+inline __m256 activation8(__m256 g, int32_t fn) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  if (fn == 0) return _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), g), _mm256_mul_ps(g, g), g));
+  const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(one, exp8(_mm256_add_ps(z, z)))));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, th));
+}
+
+inline __m256 zero_below8(__m256 v, float t) {  // |v| < t -> 0 (NaN is kept: the compare is false)
+  const __m256 small = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), v), _mm256_set1_ps(t), _CMP_LT_OQ);
+  return _mm256_andnot_ps(small, v);
+}
+#endif
+
+// FFN middle over [i0, i1) (i0 a multiple of 8; buffers padded to whole blocks, so the vector loop may
+// run past i1 up to the next multiple of 8 -- only the last thread's range is not a multiple of 8):
+//   plain:  h = Z(act(g) * u, mid)            CATS (u == null):  h = Z(act(g), act)
+// a_out / h_out (trace, may be null) get act(g) and the unthresholded h.
+inline void ffn_middle(const float* g, const float* u, int64_t i0, int64_t i1, float thr, int32_t fn, float* h,
+                       float* a_out, float* h_out) {
+#ifdef DG_AVX2
+  for (int64_t i = i0; i < i1; i += 8) {
+    const __m256 a = activation8(_mm256_loadu_ps(g + i), fn);
+    const __m256 hv = u != nullptr ? _mm256_mul_ps(a, _mm256_loadu_ps(u + i)) : a;
+    float tmp_a[8], tmp_h[8];
+    if (a_out != nullptr || h_out != nullptr) {
+      _mm256_storeu_ps(tmp_a, a);
+      _mm256_storeu_ps(tmp_h, hv);
+      for (int j = 0; j < 8 && i + j < i1; ++j) {
+        if (a_out != nullptr) a_out[i + j] = tmp_a[j];
+        if (h_out != nullptr) h_out[i + j] = tmp_h[j];
+      }
+    }
+    _mm256_storeu_ps(h + i, zero_below8(hv, thr));
+  }
+#else
+  for (int64_t i = i0; i < i1; ++i) {
+    const float a = activation(g[i], fn);
+    const float hv = u != nullptr ? a * u[i] : a;
+    if (a_out != nullptr) a_out[i] = a;
+    if (h_out != nullptr) h_out[i] = hv;
+    h[i] = std::fabs(hv) < thr ? 0.0f : hv;
+  }
+#endif
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -195,18 +280,29 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
   const int64_t group = H / HK;
   float* kv_slot = e.kv + slot * M.n_layers * 2 * HK * M.max_seq * hd;
   float* X = e.x.data();
-  float *Q = e.q.data(), *K = e.k.data(), *V = e.v.data(), *A = e.att.data(), *Y = e.ybuf.data();
-  float *G = e.g.data(), *U = e.u.data(), *Hh = e.h.data(), *HC = e.hc.data();
+  float *A = e.att.data(), *Y = e.ybuf.data();
+  float *Hh = e.h.data(), *HC = e.hc.data();
   const float* cosp = M.rope_cos + pos * hd;
   const float* sinp = M.rope_sin + pos * hd;
   const bool count = true;
   int64_t* counts = e.counts.data();
 
+  const bool prof = e.profile;
+  int64_t* phase_ns = e.phase_ns;
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num();
     const int TT = omp_get_num_threads();
     Scratch& s = e.scratch[t];
+    float *Q, *K, *V, *G, *U;  // this layer's q/k/v and gate/up outputs (fused or separate buffers)
+    int64_t t_mark = prof && t == 0 ? now_ns() : 0;
+    auto mark = [&](int phase) {  // thread 0, after a barrier: time since the previous mark
+      if (prof && t == 0) {
+        const int64_t n = now_ns();
+        phase_ns[phase] += n - t_mark;
+        t_mark = n;
+      }
+    };
     if (t == 0) row_to_float(mat(M.emb), token, M.emb_scale, X);
 #pragma omp barrier
     for (int64_t l = 0; l < M.n_layers; ++l) {
@@ -218,19 +314,34 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
       rmsnorm(X, L.attn_norm, D, M.eps, s.xn.data());
       if (tr != nullptr && tr->attn_in != nullptr && t == 0) std::memcpy(tr->attn_in + l * D, s.xn.data(), D * 4);
       const XQ xq = s.xq.view(std::max(D, std::max(H * hd, I)));
-      if (needs_xq(L.q) || needs_xq(L.k) || needs_xq(L.v)) quantize_x(s.xn.data(), D, XQ{xq.q, xq.d, xq.s, xq.ds, nblocks(D)});
+      if (L.qkv.data == nullptr && (needs_xq(L.q) || needs_xq(L.k) || needs_xq(L.v))) quantize_x(s.xn.data(), D, XQ{xq.q, xq.d, xq.s, xq.ds, nblocks(D)});
       const XQ xqa{xq.q, xq.d, xq.s, xq.ds, nblocks(D)};
-      const MatDesc* qkv[3] = {&L.q, &L.k, &L.v};
-      float* outs[3] = {Q, K, V};
-      for (int p = 0; p < 3; ++p) {
-        int64_t n_act = 0;
-        if (qkv[p]->layout == COLS) {
-          n_act = active_of(*qkv[p], s.xn.data(), s);
-          if (count && t == 0) counts[l * NPROJ + p] += n_act;
+      const bool fused_qkv = L.qkv.data != nullptr;
+      if (fused_qkv) {
+        Q = e.qkv.data();
+        K = Q + H * hd;
+        V = K + HK * hd;
+        const int64_t n_act = active_of(L.qkv, s.xn.data(), s);
+        if (count && t == 0)
+          for (int p : {PQ, PK, PV}) counts[l * NPROJ + p] += n_act;
+        project(L.qkv, s.xn.data(), s, xqa, n_act, t, TT, Q, &lo, &hi);
+      } else {
+        Q = e.q.data();
+        K = e.k.data();
+        V = e.v.data();
+        const MatDesc* qkv[3] = {&L.q, &L.k, &L.v};
+        float* outs[3] = {Q, K, V};
+        for (int p = 0; p < 3; ++p) {
+          int64_t n_act = 0;
+          if (qkv[p]->layout == COLS) {
+            n_act = active_of(*qkv[p], s.xn.data(), s);
+            if (count && t == 0) counts[l * NPROJ + p] += n_act;
+          }
+          project(*qkv[p], s.xn.data(), s, xqa, n_act, t, TT, outs[p], &lo, &hi);
         }
-        project(*qkv[p], s.xn.data(), s, xqa, n_act, t, TT, outs[p], &lo, &hi);
       }
 #pragma omp barrier
+      mark(T_QKV);
       // ---- q/k norms, RoPE, cache write: units = q heads then kv heads
       for (int64_t unit = t; unit < H + HK; unit += TT) {
         float* vec = unit < H ? Q + unit * hd : K + (unit - H) * hd;
@@ -249,6 +360,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         }
       }
 #pragma omp barrier
+      mark(T_ROPE);
       // ---- attention over positions 0..pos, heads split over threads
       s.scores.resize(pos + 1);
       for (int64_t hh = t; hh < H; hh += TT) {
@@ -276,6 +388,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         }
       }
 #pragma omp barrier
+      mark(T_ATTN);
       // ---- o projection + residual
       if (tr != nullptr && tr->o_in != nullptr && t == 0) std::memcpy(tr->o_in + l * H * hd, A, H * hd * 4);
       {
@@ -290,11 +403,22 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
       }
 #pragma omp barrier
+      mark(T_O);
       // ---- FFN
       rmsnorm(X, L.ffn_norm, D, M.eps, s.xn.data());
       if (tr != nullptr && tr->ffn_in != nullptr && t == 0) std::memcpy(tr->ffn_in + l * D, s.xn.data(), D * 4);
-      if (needs_xq(L.gate) || needs_xq(L.up)) quantize_x(s.xn.data(), D, xqa);
-      {
+      const bool fused_gu = L.gate_up.data != nullptr;
+      if (!fused_gu && (needs_xq(L.gate) || needs_xq(L.up))) quantize_x(s.xn.data(), D, xqa);
+      if (fused_gu) {
+        G = e.gu.data();
+        U = G + I;
+        const int64_t n_act = active_of(L.gate_up, s.xn.data(), s);
+        if (count && t == 0)
+          for (int p : {PGATE, PUP}) counts[l * NPROJ + p] += n_act;
+        project(L.gate_up, s.xn.data(), s, xqa, n_act, t, TT, G, &lo, &hi);
+      } else {
+        G = e.g.data();
+        U = e.u.data();
         int64_t n_act = 0;
         if (L.gate.layout == COLS) {
           n_act = active_of(L.gate, s.xn.data(), s);
@@ -303,7 +427,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         project(L.gate, s.xn.data(), s, xqa, n_act, t, TT, G, &lo, &hi);
       }
       const bool cats = L.act > 0.0f;
-      if (!cats) {
+      if (!cats && !fused_gu) {
         int64_t n_act = 0;
         if (L.up.layout == COLS) {
           n_act = active_of(L.up, s.xn.data(), s);
@@ -312,16 +436,15 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         project(L.up, s.xn.data(), s, xqa, n_act, t, TT, U, &lo, &hi);
       }
 #pragma omp barrier
+      mark(T_GATE_UP);
       int64_t i0, i1;
-      split(I, 1, t, TT, &i0, &i1);
+      split(I, 8, t, TT, &i0, &i1);
+      float* tr_act = tr != nullptr && tr->act != nullptr ? tr->act + l * I : nullptr;
+      float* tr_mid = tr != nullptr && tr->mid != nullptr ? tr->mid + l * I : nullptr;
       if (!cats) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const float hv = activation(G[i], M.act_fn) * U[i];
-          if (tr != nullptr && tr->act != nullptr) tr->act[l * I + i] = activation(G[i], M.act_fn);
-          if (tr != nullptr && tr->mid != nullptr) tr->mid[l * I + i] = hv;
-          Hh[i] = std::fabs(hv) < L.mid ? 0.0f : hv;
-        }
+        ffn_middle(G, U, i0, i1, L.mid, M.act_fn, Hh, tr_act, tr_mid);
 #pragma omp barrier
+        mark(T_ACT);
         // ---- down + residual
         if (L.down.layout == ROWS) {
           const XQ xqh{xq.q, xq.d, xq.s, xq.ds, nblocks(I)};
@@ -335,12 +458,9 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
       } else {
         // CATS: a = Z(act(g), act); only rows of up and columns of down of a != 0 are read.
-        for (int64_t i = i0; i < i1; ++i) {
-          const float a = activation(G[i], M.act_fn);
-          if (tr != nullptr && tr->act != nullptr) tr->act[l * I + i] = a;
-          Hh[i] = std::fabs(a) < L.act ? 0.0f : a;
-        }
+        ffn_middle(G, nullptr, i0, i1, L.act, M.act_fn, Hh, tr_act, nullptr);
 #pragma omp barrier
+        mark(T_ACT);
         int64_t n = 0;
         for (int64_t i = 0; i < I; ++i)
           if (Hh[i] != 0.0f) s.idx[n++] = static_cast<int32_t>(i);
@@ -351,14 +471,15 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         for (int64_t k = k0; k < k1; ++k) {
           const int32_t i = s.idx[k];
           float hv = Hh[i] * HC[k];
-          if (tr != nullptr && tr->mid != nullptr) tr->mid[l * I + i] = hv;
+          if (tr_mid != nullptr) tr_mid[i] = hv;
           if (std::fabs(hv) < L.mid || (L.down.thr != nullptr && std::fabs(hv) < L.down.thr[i])) hv = 0.0f;
           HC[k] = hv;
         }
-        if (tr != nullptr && tr->mid != nullptr)  // inactive neurons: act(g) was zeroed, so h = 0
+        if (tr_mid != nullptr)  // inactive neurons: act(g) was zeroed, so h = 0
           for (int64_t i = i0; i < i1; ++i)
-            if (Hh[i] == 0.0f) tr->mid[l * I + i] = 0.0f;
+            if (Hh[i] == 0.0f) tr_mid[i] = 0.0f;
 #pragma omp barrier
+        mark(T_GATE_UP);  // CATS: the up row gather counts as gate/up
         int64_t na = 0;
         for (int64_t k = 0; k < n; ++k)
           if (HC[k] != 0.0f) {
@@ -374,6 +495,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         for (int64_t r = lo; r < hi; ++r) X[r] += Y[r] + (L.down.bias != nullptr ? L.down.bias[r] : 0.0f);
       }
 #pragma omp barrier
+      mark(T_DOWN);
     }
     // ---- final norm and LM head (rows layout)
     rmsnorm(X, M.final_norm, D, M.eps, s.xn.data());
@@ -382,6 +504,8 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
     int64_t lo, hi;
     split(M.vocab, 1, t, TT, &lo, &hi);
     rows_range(mat(M.head), s.xn.data(), xq, lo, hi, logits);
+#pragma omp barrier
+    mark(T_HEAD);
   }
   e.steps += 1;
 }
@@ -404,9 +528,17 @@ void* dormant_decode_create(const dstep::ModelDesc* m, float* kv, int64_t n_slot
   const int64_t D = m->dim, Hd = m->n_heads * m->head_dim, KVd = m->n_kv_heads * m->head_dim, I = m->inter;
   for (int64_t l = 0; l < m->n_layers; ++l) {
     const LayerDesc& L = m->layers[l];
-    if (!check_mat(L.q, Hd, D) || !check_mat(L.k, KVd, D) || !check_mat(L.v, KVd, D) || !check_mat(L.o, D, Hd) ||
-        !check_mat(L.gate, I, D) || !check_mat(L.up, I, D) || !check_mat(L.down, D, I))
+    if (L.qkv.data != nullptr) {  // fused: whole blocks per part, cols layout
+      if (!check_mat(L.qkv, Hd + 2 * KVd, D) || L.qkv.layout != COLS || Hd % QK != 0 || KVd % QK != 0) return nullptr;
+    } else if (!check_mat(L.q, Hd, D) || !check_mat(L.k, KVd, D) || !check_mat(L.v, KVd, D)) {
       return nullptr;
+    }
+    if (L.gate_up.data != nullptr) {
+      if (!check_mat(L.gate_up, 2 * I, D) || L.gate_up.layout != COLS || I % QK != 0 || L.act > 0.0f) return nullptr;
+    } else if (!check_mat(L.gate, I, D) || !check_mat(L.up, I, D)) {
+      return nullptr;
+    }
+    if (!check_mat(L.o, D, Hd) || !check_mat(L.down, D, I)) return nullptr;
     if (L.act > 0.0f && (L.up.layout != ROWS || L.down.layout != COLS)) return nullptr;
     if (L.mid > 0.0f && L.down.layout != COLS) return nullptr;
   }
@@ -426,6 +558,8 @@ void* dormant_decode_create(const dstep::ModelDesc* m, float* kv, int64_t n_slot
   e->u.assign(pad(I), 0.0f);
   e->h.assign(pad(I), 0.0f);
   e->hc.assign(pad(I), 0.0f);
+  e->qkv.assign(pad(Hd + 2 * KVd), 0.0f);
+  e->gu.assign(pad(2 * I), 0.0f);
   e->counts.assign(m->n_layers * NPROJ, 0);
   return e;
 }
@@ -465,6 +599,16 @@ int32_t dormant_decode_step_batch(void* handle, const int64_t* tokens, const int
     if (rc != 0) return rc;
   }
   return 0;
+}
+
+// Phase times (ns, thread 0, summed over steps while profiling) into out[8]; enable turns profiling
+// on (1) or off (0), reset zeroes the sums.
+void dormant_decode_profile(void* handle, int64_t* out, int32_t enable, int32_t reset) {
+  using namespace dstep;
+  Engine& e = *static_cast<Engine*>(handle);
+  std::memcpy(out, e.phase_ns, sizeof(e.phase_ns));
+  e.profile = enable != 0;
+  if (reset) std::fill(e.phase_ns, e.phase_ns + NPHASE, 0);
 }
 
 // counts[n_layers * 7]: channels (cols) / rows (CATS up gather) read per projection, summed over

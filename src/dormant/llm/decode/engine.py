@@ -125,7 +125,8 @@ class Engine:
                  "down": dec.inter}  # fmt: skip
         out = {}
         for j, p in enumerate(PROJECTIONS):
-            layers = [n for n, lw in enumerate(dec.layers) if getattr(lw, p).layout == "cols" or (p == "up" and lw.act)]
+            layers = [n for n, lw in enumerate(dec.layers)
+                      if (lw.fused_of(p) or getattr(lw, p)).layout == "cols" or (p == "up" and lw.act)]  # fmt: skip
             if layers:
                 w = dec.inter if (p == "up" and dec.layers[layers[0]].act) else width[p]
                 out[p] = float(counts[layers, j].sum()) / (steps * w * len(layers))

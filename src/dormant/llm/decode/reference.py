@@ -62,9 +62,12 @@ class ReferenceStep:
         for n, L in enumerate(w.layers):
             t = L.thresholds
             a = _rmsnorm(x, L.attn_norm, w.eps)
-            q = _project(L.q, a, t.get("q"), L.q_bias).view(w.n_heads, hd)
-            k = _project(L.k, a, t.get("k"), L.k_bias).view(w.n_kv_heads, hd)
-            v = _project(L.v, a, t.get("v"), L.v_bias).view(w.n_kv_heads, hd)
+            if L.qkv is not None:  # one cols weight [q | k | v]: the same numbers as three
+                q, k, v = _project(L.qkv, a, t.get("q"), L.qkv_bias).split([w.attn_dim, *(2 * [w.n_kv_heads * hd])])
+            else:
+                q, k, v = (_project(L.q, a, t.get("q"), L.q_bias), _project(L.k, a, t.get("k"), L.k_bias),
+                           _project(L.v, a, t.get("v"), L.v_bias))  # fmt: skip
+            q, k, v = q.view(w.n_heads, hd), k.view(w.n_kv_heads, hd), v.view(w.n_kv_heads, hd)
             if L.q_norm is not None:
                 q, k = _rmsnorm(q, L.q_norm, w.eps), _rmsnorm(k, L.k_norm, w.eps)
             q = q * cos + _rotate_half(q) * sin
@@ -76,10 +79,15 @@ class ReferenceStep:
             o = (p[:, None, :] @ vals)[:, 0].reshape(-1)
             x = x + _project(L.o, o, t.get("o"), L.o_bias)
             f = _rmsnorm(x, L.ffn_norm, w.eps)
-            ga = act(_project(L.gate, f, t.get("gate"), None))
+            if L.gate_up is not None:
+                g, u = _project(L.gate_up, f, t.get("gate"), None).split([w.inter, w.inter])
+            else:
+                g = _project(L.gate, f, t.get("gate"), None)
+                u = _project(L.up, f, t.get("up"), None)
+            ga = act(g)
             if L.act is not None:
                 ga = zero_below(ga, L.act)
-            h = zero_below(ga * _project(L.up, f, t.get("up"), None), L.mid or 0.0)
+            h = zero_below(ga * u, L.mid or 0.0)
             if L.act is not None:  # the C step applies down's input thresholds while gathering
                 h = torch.where(gref.active_columns(h, t.get("down")), h, torch.zeros_like(h))
                 x = x + gref.gemv_cols(L.down, h, None)

@@ -178,6 +178,11 @@ def _plan_for(plan: SparsityPlan | None, n_layers: int, in_features: dict[str, i
     return plan
 
 
+def _out_features(s: dict[str, int]) -> dict[str, int]:
+    a, kv = s["n_heads"] * s["head_dim"], s["n_kv_heads"] * s["head_dim"]
+    return {"q": a, "k": kv, "v": kv, "o": s["dim"], "gate": s["inter"], "up": s["inter"], "down": s["dim"]}
+
+
 def _in_features(s: dict[str, int]) -> dict[str, int]:
     a = s["n_heads"] * s["head_dim"]
     return {"q": s["dim"], "k": s["dim"], "v": s["dim"], "o": a, "gate": s["dim"], "up": s["dim"], "down": s["inter"]}
@@ -197,19 +202,49 @@ def _norm(w: torch.Tensor, fam: Family) -> torch.Tensor:
     return (w.detach().float() + fam.norm_offset).contiguous()
 
 
+FUSIONS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def _fusions(lp, out_features: dict[str, int], fuse: bool) -> dict[str, tuple[str, ...]]:
+    """The projection groups of one layer stored as one cols weight: those sharing an input whose plan gives
+    every part the same threshold vector (TEAL calibrates them on the same tensor), with whole-block parts."""
+    if not fuse:
+        return {}
+    out = {}
+    for name, parts in FUSIONS.items():
+        t = [lp.inputs.get(p) for p in parts]
+        if t[0] is None or any(x is None or not torch.equal(x, t[0]) for x in t):
+            continue
+        if any(out_features[p] % QK for p in parts) or (name == "gate_up" and lp.act is not None):
+            continue
+        out[name] = parts
+    return out
+
+
 def _layer(tensors: dict[str, Any], lp, fam: Family) -> LayerWeights:
-    """A LayerWeights from packed projections and float extras, with the plan's thresholds."""
+    """A LayerWeights from packed projections (None: part of a fused weight) and float extras, with the plan's
+    thresholds."""
     return LayerWeights(
         attn_norm=tensors["attn_norm"], ffn_norm=tensors["ffn_norm"],
-        **{p: tensors[p] for p in PROJECTIONS},
+        **{p: tensors.get(p) for p in PROJECTIONS},
         q_bias=tensors.get("q_bias"), k_bias=tensors.get("k_bias"), v_bias=tensors.get("v_bias"),
         o_bias=tensors.get("o_bias"), q_norm=tensors.get("q_norm"), k_norm=tensors.get("k_norm"),
-        thresholds=dict(lp.inputs), mid=lp.mid, act=lp.act,
+        thresholds=dict(lp.inputs), mid=lp.mid, act=lp.act, qkv=tensors.get("qkv"),
+        gate_up=tensors.get("gate_up"), qkv_bias=tensors.get("qkv_bias"),
     )  # fmt: skip
 
 
+def _fuse_biases(t: dict[str, Any], groups: dict) -> None:
+    """Move q/k/v biases of a fused qkv into ``qkv_bias`` (zeros for parts without one)."""
+    if "qkv" in groups and any(f"{p}_bias" in t for p in "qkv"):
+        parts = [t.pop(f"{p}_bias", None) for p in "qkv"]
+        sizes = {p: t["_out"][p] for p in "qkv"}
+        t["qkv_bias"] = torch.cat([b if b is not None else torch.zeros(sizes[p]) for p, b in zip("qkv", parts)])
+
+
 def pack_model(
-    model, fmt: str = "fp32", plan: SparsityPlan | None = None, head_fmt: str | None = None, positions: int = 4096
+    model, fmt: str = "fp32", plan: SparsityPlan | None = None, head_fmt: str | None = None, positions: int = 4096,
+    fuse: bool = True,
 ) -> EngineWeights:
     """Pack a loaded HF causal LM for the engine.
 
@@ -219,6 +254,7 @@ def pack_model(
         plan: the sparsity plan (None: dense); it decides each projection's layout.
         head_fmt: format of the embedding and LM head (default ``fmt``).
         positions: rows of the rotary tables (the longest KV cache an engine can use).
+        fuse: store q/k/v (gate/up) as one cols weight where the plan gives them one threshold vector.
 
     Returns:
         The :class:`EngineWeights`.
@@ -237,7 +273,13 @@ def pack_model(
             mods = {"q": att.q_proj, "k": att.k_proj, "v": att.v_proj, "o": att.o_proj,
                     "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}  # fmt: skip
             cols = plan.sparse_projections(n)
-            t: dict[str, Any] = {p: pack(m.weight, kf, "cols" if p in cols else "rows") for p, m in mods.items()}
+            groups = _fusions(plan.layers[n], _out_features(s), fuse)
+            fused = {p for parts in groups.values() for p in parts}
+            t: dict[str, Any] = {p: pack(m.weight, kf, "cols" if p in cols else "rows") for p, m in mods.items()
+                                 if p not in fused}  # fmt: skip
+            for name, parts in groups.items():
+                t[name] = pack(torch.cat([mods[p].weight for p in parts]), kf, "cols")
+            t["_out"] = _out_features(s)
             t["attn_norm"] = _norm(layer.input_layernorm.weight, fam)
             t["ffn_norm"] = _norm(layer.post_attention_layernorm.weight, fam)
             if bias:
@@ -246,6 +288,7 @@ def pack_model(
                         t[f"{p}_bias"] = mods[p].bias.detach().float()
             if fam.qk_norm:
                 t["q_norm"], t["k_norm"] = _norm(att.q_norm.weight, fam), _norm(att.k_norm.weight, fam)
+            _fuse_biases(t, groups)
             layers.append(_layer(t, plan.layers[n], fam))
         emb_w = model.get_input_embeddings().weight
         head_w = model.get_output_embeddings().weight
@@ -281,6 +324,7 @@ def pack_gguf(
     convert_to: str | None = None,
     head_fmt: str | None = None,
     positions: int = 4096,
+    fuse: bool = True,
 ) -> EngineWeights:
     """Engine weights straight from a ``.gguf`` file (the HF config is read from the file by transformers).
 
@@ -293,6 +337,7 @@ def pack_gguf(
             ``fmt="gguf"``; default: the tensor's own type if the kernels support it, else an error.
         head_fmt: the embedding / LM head format under a non-gguf ``fmt`` (default ``fmt``).
         positions: rows of the rotary tables.
+        fuse: as :func:`pack_model` (a fused weight is re-packed in cols, in the parts' common format).
     """
     import gguf
     from gguf.quants import dequantize
@@ -342,10 +387,28 @@ def pack_gguf(
     layers = []
     for n in range(s["n_layers"]):
         cols = plan.sparse_projections(n)
-        t: dict[str, Any] = {}
+        groups = _fusions(plan.layers[n], _out_features(s), fuse)
+        fused = {p for parts in groups.values() for p in parts}
+        t: dict[str, Any] = {"_out": _out_features(s)}
         for p, g in _GGUF_NAMES.items():
             rows = perm_q if p == "q" else perm_k if p == "k" else None
-            t[p] = weight(f"blk.{n}.{g}.weight", "cols" if p in cols else "rows", rows, want)
+            if p not in fused:
+                t[p] = weight(f"blk.{n}.{g}.weight", "cols" if p in cols else "rows", rows, want)
+        for name, parts in groups.items():
+            names = [f"blk.{n}.{_GGUF_NAMES[p]}.weight" for p in parts]
+            types = {GGUF_NATIVE.get(tensors[k].tensor_type.name) for k in names}
+            target = want or convert_to or (types.pop() if len(types) == 1 else None)
+            if target is None:
+                raise UnsupportedDecodeError(
+                    f"layer {n}: fusing {'/'.join(parts)} needs one target format (types {sorted(map(str, types))}); "
+                    "pass convert_to= or fuse=False"
+                )
+            ws = []
+            for p, key in zip(parts, names):
+                w = floats(tensors[key])
+                ws.append(w[perm_q] if p == "q" and perm_q is not None else w[perm_k] if p == "k" and perm_k is not None else w)
+            conversions.append(f"blk.{n}.{name}: {'+'.join(parts)} -> {target} cols (fused)")
+            t[name] = pack(torch.cat(ws), target, "cols")
         t["attn_norm"] = _norm(floats(tensors[f"blk.{n}.attn_norm.weight"]).reshape(-1), fam)
         t["ffn_norm"] = _norm(floats(tensors[f"blk.{n}.ffn_norm.weight"]).reshape(-1), fam)
         if bias:
@@ -358,6 +421,7 @@ def pack_gguf(
         if fam.qk_norm:
             t["q_norm"] = _norm(floats(tensors[f"blk.{n}.attn_q_norm.weight"]).reshape(-1), fam)
             t["k_norm"] = _norm(floats(tensors[f"blk.{n}.attn_k_norm.weight"]).reshape(-1), fam)
+        _fuse_biases(t, groups)
         layers.append(_layer(t, plan.layers[n], fam))
     embedding = weight("token_embd.weight", "rows", None, want_head)
     head = weight("output.weight", "rows", None, want_head) if "output.weight" in tensors else embedding
@@ -407,6 +471,7 @@ def random_weights(
     n_layers: int | None = None,
     positions: int = 4096,
     seed: int = 0,
+    fuse: bool = True,
 ) -> EngineWeights:
     """Random engine weights with the shapes of ``config`` (e.g. ``LlamaConfig`` of Llama-3-8B), built directly.
 
@@ -415,7 +480,7 @@ def random_weights(
 
     Args:
         config: a transformers config of a :data:`FAMILIES` type.
-        fmt, plan, head_fmt, positions: as :func:`pack_model`.
+        fmt, plan, head_fmt, positions, fuse: as :func:`pack_model`.
         n_layers: build only this many decoder layers (the plan must match); default all.
         seed: generator seed.
     """
@@ -435,8 +500,13 @@ def random_weights(
     layers = []
     for n in range(s["n_layers"]):
         cols = plan.sparse_projections(n)
+        groups = _fusions(plan.layers[n], _out_features(s), fuse)
+        fused = {p for parts in groups.values() for p in parts}
         t: dict[str, Any] = {p: _random_packed(*shapes[p], kf, "cols" if p in cols else "rows", gen, pool)
-                             for p in PROJECTIONS}  # fmt: skip
+                             for p in PROJECTIONS if p not in fused}  # fmt: skip
+        for name, parts in groups.items():
+            t[name] = _random_packed(sum(shapes[p][0] for p in parts), s["dim"], kf, "cols", gen, pool)
+        t["_out"] = _out_features(s)
         t["attn_norm"] = torch.ones(s["dim"])
         t["ffn_norm"] = torch.ones(s["dim"])
         if bias:
@@ -444,6 +514,7 @@ def random_weights(
                 t[f"{p}_bias"] = torch.zeros(shapes[p][0])
         if fam.qk_norm:
             t["q_norm"], t["k_norm"] = torch.ones(s["head_dim"]), torch.ones(s["head_dim"])
+        _fuse_biases(t, groups)
         layers.append(_layer(t, plan.layers[n], fam))
     embedding = _random_packed(s["vocab"], s["dim"], hf, "rows", gen, pool)
     tied = bool(getattr(config, "tie_word_embeddings", False))

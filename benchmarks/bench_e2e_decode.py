@@ -81,6 +81,7 @@ class E2EBenchConfig:
     random_formats: list[str] = field(default_factory=lambda: ["q4_0", "q8_0"], help="formats of the random-weight models")
     random_sparse_formats: list[str] = field(default_factory=lambda: ["q4_0"], help="random-model formats with sparse variants")
     layers_8b: int = field(8, help="decoder layers of the Llama-3-8B run (of 32)")
+    random_calib_rounds: int = field(1, help="re-calibration rounds under the plan for the random-weight models")
     gguf_dir: str = field("runs/gguf", help="where the Q4_0 / Q8_0 requantisations of SmolLM2 are made / found")
     llamacpp: bool = field(True, help="run llama.cpp (pip install dormant[bench])")
     hf: bool = field(True, help="run the Hugging Face eager fp32 baseline")
@@ -278,27 +279,33 @@ def smollm2_variants(cfg: E2EBenchConfig, threads: int, prompt: list[int], cache
     return variants
 
 
-def random_variants(cfg: E2EBenchConfig, name: str, prompt: list[int], cache: dict) -> dict:
-    if name in cache:
-        return cache[name]
+def random_variants(cfg: E2EBenchConfig, name: str, fmt: str, prompt: list[int]) -> dict:
+    """Dense and (if ``fmt`` is in ``--random-sparse-formats``) sparse engines of one random model and format."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(**RANDOM_CONFIGS[name])
     n_layers = cfg.layers_8b if name == "llama-3-8b" else None
-    variants = {}
     gen = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, config.vocab_size, (min(cfg.calib_tokens, 64),), generator=gen).tolist()
-    for fmt in cfg.random_formats:
-        dense = Engine(random_weights(config, fmt, n_layers=n_layers, positions=512), 512)
-        variants[f"engine {fmt}"] = EngineVariant(dense, {"fmt": fmt, "impl": "dormant", "source": "random"})
-        if fmt in cfg.random_sparse_formats:
-            plans = plans_from_trace(dense.trace(calib), cfg.targets, cfg.sites)
-            for pname, plan in plans.items():
-                e = Engine(random_weights(config, fmt, plan=plan, n_layers=n_layers, positions=512), 512)
-                variants[f"sparse {pname} {fmt}"] = EngineVariant(e, {"fmt": fmt, "impl": "dormant", "source": "random",
-                                                                      **plan.meta})  # fmt: skip
-    cache.clear()  # one random model in memory at a time
-    cache[name] = variants
+    calib = prompt + torch.randint(0, config.vocab_size, (min(cfg.calib_tokens, 64),), generator=gen).tolist()
+    def build(plan=None) -> Engine:  # the same seed: the same random weights, laid out for ``plan``
+        return Engine(random_weights(config, fmt, plan=plan, n_layers=n_layers, positions=512), 512)
+
+    dense = build()
+    variants = {f"engine {fmt}": EngineVariant(dense, {"fmt": fmt, "impl": "dormant", "source": "random"})}
+    if fmt in cfg.random_sparse_formats:
+        dense_trace = dense.trace(calib)
+        for t in cfg.targets:
+            for site in cfg.sites:
+                # Random weights have no redundancy: thresholds from the dense trace leave later projections far
+                # sparser than the target once earlier ones are sparse. Re-trace under the plan (the trace records
+                # each input after the upstream thresholds) until every layer's density sits at the target.
+                plan = plans_from_trace(dense_trace, [t], [site])[f"{site}{t:g}"]
+                for _ in range(cfg.random_calib_rounds):
+                    plan = plans_from_trace(build(plan).trace(calib), [t], [site])[f"{site}{t:g}"]
+                plan.meta["calibration"] = f"engine trace under the plan, {cfg.random_calib_rounds} rounds"
+                variants[f"sparse {site}{t:g} {fmt}"] = EngineVariant(
+                    build(plan), {"fmt": fmt, "impl": "dormant", "source": "random", **plan.meta}
+                )
     return variants
 
 
@@ -342,7 +349,7 @@ def summarize(name: str, threads: int, variants: dict, res: dict, prompt: list[i
 
 
 def print_table(name: str, threads: int, rows: list[dict]) -> None:
-    est = name == "llama-3-8b"
+    est = name.startswith("llama-3-8b")
     headers = ["variant", "tok/s", "step ms", "x dense (same fmt)", "x llama.cpp (same file)", "density (mean; per proj)",
                "greedy = fp32"] + (["est. tok/s 32 layers"] if est else [])  # fmt: skip
     table = []
@@ -375,23 +382,26 @@ def main(argv: list[str] | None = None) -> None:
     prompt = tok(PROMPT).input_ids
     prov = provenance()
     print(f"{prov['processor']}, {prov['cpu_count']} CPUs, torch {prov['torch']}, commit {prov.get('commit')}", flush=True)
-    smol_cache: dict = {}
-    random_cache: dict = {}
     for name in cfg.models:
-        for threads in cfg.threads:
-            torch.set_num_threads(threads)
-            if name == "smollm2-135m":
-                variants = smollm2_variants(cfg, threads, prompt, smol_cache)
-            elif name in RANDOM_CONFIGS:
-                variants = random_variants(cfg, name, prompt, random_cache)
-            else:
-                raise ValueError(f"unknown model {name!r}; models: smollm2-135m, {', '.join(RANDOM_CONFIGS)}")
-            res = run_interleaved(variants, prompt, cfg.new_tokens, cfg.reps)
-            rows = summarize(name, threads, variants, res, prompt, cfg, {**prov, "torch_threads": threads})
-            print_table(name, threads, rows)
-            for v in variants.values():
-                if isinstance(v, LlamaCppVariant):
-                    v.llm.close()
+        if name not in ("smollm2-135m", *RANDOM_CONFIGS):
+            raise ValueError(f"unknown model {name!r}; models: smollm2-135m, {', '.join(RANDOM_CONFIGS)}")
+    smol_cache: dict = {}
+    for name in cfg.models:
+        # random models: one format group (dense + its sparse variants) in memory at a time
+        groups = [None] if name == "smollm2-135m" else cfg.random_formats
+        for fmt in groups:
+            random_group = None if fmt is None else random_variants(cfg, name, fmt, prompt)
+            for threads in cfg.threads:
+                torch.set_num_threads(threads)
+                variants = smollm2_variants(cfg, threads, prompt, smol_cache) if fmt is None else random_group
+                res = run_interleaved(variants, prompt, cfg.new_tokens, cfg.reps)
+                rows = summarize(name, threads, variants, res, prompt, cfg, {**prov, "torch_threads": threads})
+                print_table(name if fmt is None else f"{name} {fmt}", threads, rows)
+                for v in variants.values():
+                    if isinstance(v, LlamaCppVariant):
+                        v.llm.close()
+            del random_group
+        smol_cache.clear()
 
 
 if __name__ == "__main__":

@@ -66,9 +66,10 @@ def test_column_sparse_matches_reference(fmt, shape, threads):
     w, x, _ = make(*shape, fmt, "cols", seed=2)
     gen = torch.Generator().manual_seed(3)
     for t in (torch.rand(shape[1], generator=gen) * 1.5, 0.7, None):
-        y, n = gemv.gemv_cols(w, x, t)
-        assert_gemv_close(y, ref.gemv_cols(w, x, t), w, x)
-        assert n == int((ref.active_columns(x, t) & (x != 0)).sum())
+        for split in (False, True):
+            y, n = gemv.gemv_cols(w, x, t, split_columns=split)
+            assert_gemv_close(y, ref.gemv_cols(w, x, t), w, x)
+            assert n == int((ref.active_columns(x, t) & (x != 0)).sum())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

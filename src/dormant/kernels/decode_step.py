@@ -267,6 +267,8 @@ def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
             lib.dormant_decode_step.restype = _i32
             lib.dormant_decode_step_batch.argtypes = [_p, _p, _p, _p, _i64, _p, _i32]
             lib.dormant_decode_step_batch.restype = _i32
+            lib.dormant_decode_set_split.argtypes = [_p, _i32]
+            lib.dormant_decode_set_split.restype = None
             lib.dormant_decode_profile.argtypes = [_p, _p, _i32, _i32]
             lib.dormant_decode_profile.restype = None
             lib.dormant_decode_counts.argtypes = [_p, _p, _i32]
@@ -295,6 +297,7 @@ def _mat(w: PackedWeight | None, thr: torch.Tensor | None, bias: torch.Tensor | 
                 _ptr(_f32(thr, keep)), _ptr(_f32(bias, keep)))  # fmt: skip
 
 
+COLUMN_SPLIT = {"outputs": 0, "columns": 1, "auto": 2}
 # Below this many weight bytes per thread a step runs on fewer threads: each step has ~7 barriers per
 # layer, and waking a thread for a few KB of weights costs more than it saves (tiny models, tests).
 MIN_BYTES_PER_THREAD = 1 << 21
@@ -310,10 +313,14 @@ class DecodeStep:
         threads: OpenMP threads per step; None: ``torch.get_num_threads()`` at each step, capped at one thread
             per :data:`MIN_BYTES_PER_THREAD` of weights.
         extra_flags: compiler flags of a library variant (e.g. ``("-mno-avx512f",)``; see :func:`library`).
+        column_split: how threads share a cols projection: ``"outputs"`` (each thread its output blocks: the
+            same sums for any thread count), ``"columns"`` (each thread whole active columns into a private
+            partial, summed in thread order) or ``"auto"`` (columns when a thread's part of each column is
+            under 64 blocks: scattered short chunks read slowly from DRAM).
     """
 
     def __init__(self, weights: DecoderWeights, max_seq: int, slots: int = 1, threads: int | None = None,
-                 extra_flags: tuple[str, ...] = ()):  # fmt: skip
+                 extra_flags: tuple[str, ...] = (), column_split: str = "auto"):  # fmt: skip
         weights.validate()
         if not 0 < max_seq <= weights.rope_cos.shape[0]:
             raise ValueError(f"max_seq must be in [1, {weights.rope_cos.shape[0]}] (the rope table), got {max_seq}")
@@ -321,6 +328,8 @@ class DecodeStep:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if column_split not in COLUMN_SPLIT:
+            raise ValueError(f"column_split {column_split!r} not supported; supported: {', '.join(COLUMN_SPLIT)}")
         self.weights, self.max_seq, self.slots, self.threads = weights, max_seq, slots, threads
         self._max_threads = max(1, weights.nbytes() // MIN_BYTES_PER_THREAD)
         w = weights
@@ -349,6 +358,7 @@ class DecodeStep:
         self._handle = self._lib.dormant_decode_create(ctypes.byref(self._model), self.kv.data_ptr(), slots)
         if not self._handle:
             raise ValueError("the C engine rejected the weights description (validate() passed; this is a bug)")
+        self._lib.dormant_decode_set_split(self._handle, COLUMN_SPLIT[column_split])
 
     def __del__(self):
         handle = getattr(self, "_handle", None)

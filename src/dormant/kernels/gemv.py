@@ -45,7 +45,7 @@ def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
             lib.dormant_gemv_rows.argtypes = [p, i64, i64, i32, p, p, i64, i32, p, i32]
             lib.dormant_gemv_rows.restype = i64
-            lib.dormant_gemv_cols.argtypes = [p, i64, i64, i32, p, p, p, i32]
+            lib.dormant_gemv_cols.argtypes = [p, i64, i64, i32, p, p, p, i32, i32]
             lib.dormant_gemv_cols.restype = i64
             lib.dormant_gemv_quantize_x.argtypes = [p, i64, p, p, p]
             lib.dormant_gemv_quantize_x.restype = None
@@ -107,7 +107,11 @@ def gemv_gather(w: PackedWeight, x: torch.Tensor, rows: torch.Tensor, extra_flag
 
 
 def gemv_cols(
-    w: PackedWeight, x: torch.Tensor, t: torch.Tensor | float | None = None, extra_flags: tuple[str, ...] = ()
+    w: PackedWeight,
+    x: torch.Tensor,
+    t: torch.Tensor | float | None = None,
+    extra_flags: tuple[str, ...] = (),
+    split_columns: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Column-sparse ``y = W Z(x, t)`` for a ``cols``-layout weight.
 
@@ -116,6 +120,8 @@ def gemv_cols(
         x: ``[in]``.
         t: per-input-channel thresholds ``[in]``, a scalar (the same for every channel) or ``None`` (all
             channels active); channel ``i`` is read iff ``not |x_i| < t_i`` and ``x_i != 0``.
+        split_columns: threads split the active columns (each reads whole columns into a private partial ``y``,
+            summed in thread order) instead of the output blocks.
 
     Returns:
         ``y`` ``[out]`` float32 and the number of columns read.
@@ -133,7 +139,7 @@ def gemv_cols(
     y = torch.empty(nbo * QK, dtype=torch.float32)
     n = library(extra_flags).dormant_gemv_cols(
         w.data.data_ptr(), w.out_features, w.in_features, w.format.code, x.data_ptr(),
-        None if t is None else t.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        None if t is None else t.data_ptr(), y.data_ptr(), torch.get_num_threads(), int(split_columns),
     )
     if n < 0:
         raise RuntimeError(f"gemv kernel failed with code {n}")

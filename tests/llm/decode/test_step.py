@@ -24,8 +24,8 @@ def plans(config):
     }
 
 
-def run_both(weights, ids):
-    engine, ref = Engine(weights, max_seq=32), ReferenceStep(weights.decoder, 32)
+def run_both(weights, ids, **engine_kw):
+    engine, ref = Engine(weights, max_seq=32, **engine_kw), ReferenceStep(weights.decoder, 32)
     got = torch.stack([engine.step(int(t), i) for i, t in enumerate(ids)])
     want = torch.stack([ref.step(int(t), i) for i, t in enumerate(ids)])
     return got, want
@@ -40,9 +40,11 @@ def test_c_step_matches_reference(model_type, fmt):
         weights = pack_model(model, fmt, plan=plan, positions=32)
         fused = [lw.qkv is not None and lw.gate_up is not None for lw in weights.decoder.layers]
         assert all(fused) == (name == "fused") and any(fused) == (name == "fused")
-        got, want = run_both(weights, ids)
-        scale = float(want.abs().max())
-        torch.testing.assert_close(got, want, rtol=0, atol=TOL[fmt] * scale, msg=f"{model_type} {fmt} {name}")
+        # 2 threads with every cols projection split by columns: partial sums and the pending residual
+        for kw in ({}, {"threads": 2, "column_split": "columns"}):
+            got, want = run_both(weights, ids, **kw)
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, rtol=0, atol=TOL[fmt] * scale, msg=f"{model_type} {fmt} {name} {kw}")
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
@@ -69,11 +71,35 @@ def test_random_weights_run_and_match_reference(fmt):
     torch.testing.assert_close(got, want, rtol=0, atol=TOL[fmt] * float(want.abs().max()))
 
 
-def test_thread_count_does_not_change_the_result():
-    """Every output row or block is summed by one thread in a fixed order, so any split gives the same bits."""
-    model = tiny_model("qwen2", intermediate_size=200)
-    plan = plans(model.config)["cats"]
-    weights = pack_model(model, "q4_0", plan=plan, positions=32)
+@pytest.mark.parametrize("kind", ["cats", "fused", "inputs+mid"])
+def test_thread_count_does_not_change_the_result(kind):
+    """Split by outputs, every output is summed by one thread in a fixed order: any thread count gives the same
+    bits. Split by columns (partials summed in thread order), the sums are reordered: equal within tolerance."""
+    model = tiny_model("qwen2", intermediate_size=224)
+    weights = pack_model(model, "q4_0", plan=plans(model.config)[kind], positions=32)
     ids = torch.arange(7)
-    runs = [torch.stack([Engine(weights, 32, threads=n).step(int(t), 0) for t in ids]) for n in (1, 2, 3)]
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+    def run(n, split):
+        engine = Engine(weights, 32, threads=n, column_split=split)
+        return torch.stack([engine.step(int(t), i) for i, t in enumerate(ids)])
+
+    one = run(1, "outputs")
+    assert torch.equal(one, run(2, "outputs")) and torch.equal(one, run(3, "outputs"))
+    for n in (2, 3):
+        torch.testing.assert_close(run(n, "columns"), one, rtol=0, atol=TOL["q4_0"] * float(one.abs().max()))
+        torch.testing.assert_close(run(n, "auto"), one, rtol=0, atol=TOL["q4_0"] * float(one.abs().max()))
+
+
+@pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx2", "-mno-fma", "-mno-f16c", "-mno-avx512f")],
+                         ids=["avx2", "scalar"])  # fmt: skip
+def test_compiled_fallbacks_match_reference(flags):
+    from dormant.kernels.decode_step import DecodeStep
+
+    model = tiny_model("gemma")  # GeGLU: the vector tanh path; fused and CATS plans cover every FFN branch
+    ids = torch.arange(6)
+    for name in ("fused", "cats"):
+        weights = pack_model(model, "q4_1", plan=plans(model.config)[name], positions=16)
+        step, ref = DecodeStep(weights.decoder, 16, extra_flags=flags), ReferenceStep(weights.decoder, 16)
+        got = torch.stack([step.step(int(t), i) for i, t in enumerate(ids)])
+        want = torch.stack([ref.step(int(t), i) for i, t in enumerate(ids)])
+        torch.testing.assert_close(got, want, rtol=0, atol=TOL["q4_1"] * float(want.abs().max()))

@@ -90,7 +90,7 @@ inline int64_t now_ns() {
 // Engine state ---------------------------------------------------------------------------------
 
 struct Scratch {  // one per thread
-  std::vector<float> xn;
+  std::vector<float> xn, xr;  // normed input; the residual stream as this thread sees it
   XQBuf xq;
   std::vector<int32_t> idx;
   std::vector<float> xv;
@@ -102,7 +102,12 @@ struct Engine {
   std::vector<LayerDesc> layers;
   float* kv;
   int64_t n_slots;
-  std::vector<float> x, q, k, v, att, ybuf, g, u, h, hc, qkv, gu;
+  std::vector<float> x, x_alt, q, k, v, att, ybuf, g, u, h, hc, qkv, gu;
+  // Per-thread partial outputs of column-split cols projections: out (q/k/v, gate/up; summed by their
+  // consumer phase) and res (o, down; summed into the residual stream by the next norm).
+  std::vector<float> part_out, part_res;
+  int64_t w_out = 0, w_res = 0, n_part = 0;
+  int32_t split_mode = 2;  // column split: 0 never, 1 always (threads > 1), 2 auto (short per-thread parts)
   std::vector<Scratch> scratch;
   std::vector<int64_t> counts;  // [n_layers][NPROJ] channels (cols) / rows (gather) read, summed over steps
   int64_t steps = 0;
@@ -274,27 +279,46 @@ inline int64_t active_of(const MatDesc& d, const float* x, Scratch& s) {
   return select_active(x, d.thr, d.in, s.idx.data(), s.xv.data());
 }
 
+// Column split: threads divide a cols projection's active columns (each reads whole columns into a
+// private partial y) instead of its output blocks, when a thread's part of each column would be short:
+// measured here, scattered sub-KB chunks read at well under half the sequential bandwidth, and longer
+// chunks read better. The partials are summed in thread order by the phase that consumes the output.
+constexpr int64_t kSplitBelowBlocks = 64;  // auto: split when a thread's part is < 64 blocks (2048 outputs)
+
+inline bool column_split(const Engine& e, const MatDesc& d, int T) {
+  if (d.layout != COLS || T < 2 || e.split_mode == 0) return false;
+  return e.split_mode == 1 || nblocks(d.out) / T < kSplitBelowBlocks;
+}
+
 void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits, int T, const TraceDesc* tr) {
   const ModelDesc& M = e.m;
   const int64_t D = M.dim, H = M.n_heads, HK = M.n_kv_heads, hd = M.head_dim, I = M.inter;
-  const int64_t group = H / HK;
+  const int64_t Hd = H * hd, KVd = HK * hd, group = H / HK;
   float* kv_slot = e.kv + slot * M.n_layers * 2 * HK * M.max_seq * hd;
-  float* X = e.x.data();
   float *A = e.att.data(), *Y = e.ybuf.data();
   float *Hh = e.h.data(), *HC = e.hc.data();
   const float* cosp = M.rope_cos + pos * hd;
   const float* sinp = M.rope_sin + pos * hd;
-  const bool count = true;
   int64_t* counts = e.counts.data();
-
   const bool prof = e.profile;
   int64_t* phase_ns = e.phase_ns;
+  float* part_out = e.part_out.data();
+  float* part_res = e.part_res.data();
+  const int64_t w_out = e.w_out, w_res = e.w_res;
+
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num();
     const int TT = omp_get_num_threads();
     Scratch& s = e.scratch[t];
-    float *Q, *K, *V, *G, *U;  // this layer's q/k/v and gate/up outputs (fused or separate buffers)
+    // The residual stream: X, or, while `pending`, X + sum of the partials of a column-split o / down
+    // (+ its bias); every thread then adds them up itself and writes its slice into X_alt, and after the
+    // next barrier X_alt becomes X. All threads take the same branches, so the swaps stay in step.
+    float* X = e.x.data();
+    float* X_alt = e.x_alt.data();
+    bool pending = false;
+    const float* pending_bias = nullptr;
+    float *Q, *K, *V, *G, *U;  // this layer's q/k/v and gate/up outputs
     int64_t t_mark = prof && t == 0 ? now_ns() : 0;
     auto mark = [&](int phase) {  // thread 0, after a barrier: time since the previous mark
       if (prof && t == 0) {
@@ -303,6 +327,46 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         t_mark = n;
       }
     };
+    auto residual_in = [&]() -> const float* {  // the current residual stream, full width
+      if (!pending) return X;
+      int64_t d0, d1;
+      split(D, 1, t, TT, &d0, &d1);
+      for (int64_t j = 0; j < D; ++j) {
+        float v = X[j] + (pending_bias != nullptr ? pending_bias[j] : 0.0f);
+        for (int k = 0; k < TT; ++k) v += part_res[k * w_res + j];
+        s.xr[j] = v;
+      }
+      std::memcpy(X_alt + d0, s.xr.data() + d0, (d1 - d0) * sizeof(float));
+      return s.xr.data();
+    };
+    auto settle = [&]() {  // after a barrier: X_alt complete
+      if (pending) {
+        std::swap(X, X_alt);
+        pending = false;
+      }
+    };
+    // y = W x for this thread's share: output rows / blocks into y, or (column split) its columns into
+    // its partial at part + t * width; the caller sums partials. Returns whether it split.
+    auto run_proj = [&](const MatDesc& d, const float* x, const XQ& xq, int64_t n_act, float* y, float* part,
+                        int64_t width, int64_t* lo, int64_t* hi) {
+      if (column_split(e, d, TT)) {
+        int64_t k0, k1;
+        split(n_act, 1, t, TT, &k0, &k1);
+        cols_range(mat(d), s.idx.data() + k0, s.xv.data() + k0, k1 - k0, 0, nblocks(d.out), part + t * width);
+        *lo = *hi = 0;
+        return true;
+      }
+      project(d, x, s, xq, n_act, t, TT, y, lo, hi);
+      return false;
+    };
+    auto sum_parts = [&](const float* part, int64_t width, int64_t r0, int64_t r1, const float* bias, float* dst) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float v = bias != nullptr ? bias[r - r0] : 0.0f;
+        for (int k = 0; k < TT; ++k) v += part[k * width + r];
+        dst[r - r0] = v;
+      }
+    };
+
     if (t == 0) row_to_float(mat(M.emb), token, M.emb_scale, X);
 #pragma omp barrier
     for (int64_t l = 0; l < M.n_layers; ++l) {
@@ -310,42 +374,56 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
       float* kc = kv_slot + (l * 2 + 0) * HK * M.max_seq * hd;
       float* vc = kv_slot + (l * 2 + 1) * HK * M.max_seq * hd;
       int64_t lo, hi;
-      // ---- attention input and q, k, v
-      rmsnorm(X, L.attn_norm, D, M.eps, s.xn.data());
-      if (tr != nullptr && tr->attn_in != nullptr && t == 0) std::memcpy(tr->attn_in + l * D, s.xn.data(), D * 4);
-      const XQ xq = s.xq.view(std::max(D, std::max(H * hd, I)));
-      if (L.qkv.data == nullptr && (needs_xq(L.q) || needs_xq(L.k) || needs_xq(L.v))) quantize_x(s.xn.data(), D, XQ{xq.q, xq.d, xq.s, xq.ds, nblocks(D)});
+      const XQ xq = s.xq.view(std::max(D, std::max(Hd, I)));
       const XQ xqa{xq.q, xq.d, xq.s, xq.ds, nblocks(D)};
+      // ---- attention input and q, k, v (partials of split ones at offsets 0, pad(Hd), pad(Hd) + pad(KVd))
+      rmsnorm(residual_in(), L.attn_norm, D, M.eps, s.xn.data());
+      if (tr != nullptr && tr->attn_in != nullptr && t == 0) std::memcpy(tr->attn_in + l * D, s.xn.data(), D * 4);
       const bool fused_qkv = L.qkv.data != nullptr;
+      bool split_q = false, split_k = false, split_v = false;
+      const int64_t off_k = pad(Hd), off_v = pad(Hd) + pad(KVd);
       if (fused_qkv) {
         Q = e.qkv.data();
-        K = Q + H * hd;
-        V = K + HK * hd;
+        K = Q + Hd;
+        V = K + KVd;
         const int64_t n_act = active_of(L.qkv, s.xn.data(), s);
-        if (count && t == 0)
+        if (t == 0)
           for (int p : {PQ, PK, PV}) counts[l * NPROJ + p] += n_act;
-        project(L.qkv, s.xn.data(), s, xqa, n_act, t, TT, Q, &lo, &hi);
+        split_q = split_k = split_v = run_proj(L.qkv, s.xn.data(), xqa, n_act, Q, part_out, w_out, &lo, &hi);
       } else {
         Q = e.q.data();
         K = e.k.data();
         V = e.v.data();
-        const MatDesc* qkv[3] = {&L.q, &L.k, &L.v};
+        if (needs_xq(L.q) || needs_xq(L.k) || needs_xq(L.v)) quantize_x(s.xn.data(), D, xqa);
+        const MatDesc* mats[3] = {&L.q, &L.k, &L.v};
         float* outs[3] = {Q, K, V};
+        const int64_t offs[3] = {0, off_k, off_v};
+        bool* splits[3] = {&split_q, &split_k, &split_v};
         for (int p = 0; p < 3; ++p) {
           int64_t n_act = 0;
-          if (qkv[p]->layout == COLS) {
-            n_act = active_of(*qkv[p], s.xn.data(), s);
-            if (count && t == 0) counts[l * NPROJ + p] += n_act;
+          if (mats[p]->layout == COLS) {
+            n_act = active_of(*mats[p], s.xn.data(), s);
+            if (t == 0) counts[l * NPROJ + p] += n_act;
           }
-          project(*qkv[p], s.xn.data(), s, xqa, n_act, t, TT, outs[p], &lo, &hi);
+          *splits[p] = run_proj(*mats[p], s.xn.data(), xqa, n_act, outs[p], part_out + offs[p], w_out, &lo, &hi);
         }
       }
 #pragma omp barrier
+      settle();
       mark(T_QKV);
-      // ---- q/k norms, RoPE, cache write: units = q heads then kv heads
+      // ---- (split: sum partials), q/k norms, RoPE, cache write: units = q heads then kv heads
+      const float* b_q = fused_qkv ? L.qkv.bias : L.q.bias;
+      const float* b_k = fused_qkv ? (L.qkv.bias != nullptr ? L.qkv.bias + Hd : nullptr) : L.k.bias;
+      const float* b_v = fused_qkv ? (L.qkv.bias != nullptr ? L.qkv.bias + Hd + KVd : nullptr) : L.v.bias;
+      const int64_t po_k = fused_qkv ? Hd : off_k, po_v = fused_qkv ? Hd + KVd : off_v;
       for (int64_t unit = t; unit < H + HK; unit += TT) {
-        float* vec = unit < H ? Q + unit * hd : K + (unit - H) * hd;
-        const float* nw = unit < H ? L.q_norm : L.k_norm;
+        const bool is_q = unit < H;
+        const int64_t g = is_q ? unit : unit - H;
+        float* vec = is_q ? Q + g * hd : K + g * hd;
+        if (is_q && split_q) sum_parts(part_out, w_out, g * hd, (g + 1) * hd, b_q ? b_q + g * hd : nullptr, vec);
+        if (!is_q && split_k) sum_parts(part_out, w_out, po_k + g * hd, po_k + (g + 1) * hd, b_k ? b_k + g * hd : nullptr, vec);
+        if (!is_q && split_v) sum_parts(part_out, w_out, po_v + g * hd, po_v + (g + 1) * hd, b_v ? b_v + g * hd : nullptr, V + g * hd);
+        const float* nw = is_q ? L.q_norm : L.k_norm;
         if (nw != nullptr) rmsnorm(vec, nw, hd, M.eps, vec);
         const int64_t half = hd / 2;
         for (int64_t j = 0; j < half; ++j) {
@@ -353,8 +431,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
           vec[j] = a * cosp[j] - b * sinp[j];
           vec[j + half] = b * cosp[j + half] + a * sinp[j + half];
         }
-        if (unit >= H) {
-          const int64_t g = unit - H;
+        if (!is_q) {
           std::memcpy(kc + (g * M.max_seq + pos) * hd, vec, hd * 4);
           std::memcpy(vc + (g * M.max_seq + pos) * hd, V + g * hd, hd * 4);
         }
@@ -390,55 +467,64 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
 #pragma omp barrier
       mark(T_ATTN);
       // ---- o projection + residual
-      if (tr != nullptr && tr->o_in != nullptr && t == 0) std::memcpy(tr->o_in + l * H * hd, A, H * hd * 4);
+      if (tr != nullptr && tr->o_in != nullptr && t == 0) std::memcpy(tr->o_in + l * Hd, A, Hd * 4);
       {
         int64_t n_act = 0;
-        const XQ xqo{xq.q, xq.d, xq.s, xq.ds, nblocks(H * hd)};
-        if (needs_xq(L.o)) quantize_x(A, H * hd, xqo);
+        const XQ xqo{xq.q, xq.d, xq.s, xq.ds, nblocks(Hd)};
+        if (needs_xq(L.o)) quantize_x(A, Hd, xqo);
         if (L.o.layout == COLS) {
           n_act = active_of(L.o, A, s);
-          if (count && t == 0) counts[l * NPROJ + PO] += n_act;
+          if (t == 0) counts[l * NPROJ + PO] += n_act;
         }
-        project(L.o, A, s, xqo, n_act, t, TT, Y, &lo, &hi);
-        for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+        if (run_proj(L.o, A, xqo, n_act, Y, part_res, w_res, &lo, &hi)) {
+          pending = true;
+          pending_bias = L.o.bias;
+        } else {
+          for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+        }
       }
 #pragma omp barrier
       mark(T_O);
-      // ---- FFN
-      rmsnorm(X, L.ffn_norm, D, M.eps, s.xn.data());
+      // ---- FFN: gate/up (partials of split ones at offsets 0 and pad(I))
+      rmsnorm(residual_in(), L.ffn_norm, D, M.eps, s.xn.data());
       if (tr != nullptr && tr->ffn_in != nullptr && t == 0) std::memcpy(tr->ffn_in + l * D, s.xn.data(), D * 4);
       const bool fused_gu = L.gate_up.data != nullptr;
-      if (!fused_gu && (needs_xq(L.gate) || needs_xq(L.up))) quantize_x(s.xn.data(), D, xqa);
+      const bool cats = L.act > 0.0f;
+      bool split_g = false, split_u = false;
       if (fused_gu) {
         G = e.gu.data();
         U = G + I;
         const int64_t n_act = active_of(L.gate_up, s.xn.data(), s);
-        if (count && t == 0)
+        if (t == 0)
           for (int p : {PGATE, PUP}) counts[l * NPROJ + p] += n_act;
-        project(L.gate_up, s.xn.data(), s, xqa, n_act, t, TT, G, &lo, &hi);
+        split_g = split_u = run_proj(L.gate_up, s.xn.data(), xqa, n_act, G, part_out, w_out, &lo, &hi);
       } else {
         G = e.g.data();
         U = e.u.data();
+        if (needs_xq(L.gate) || needs_xq(L.up)) quantize_x(s.xn.data(), D, xqa);
         int64_t n_act = 0;
         if (L.gate.layout == COLS) {
           n_act = active_of(L.gate, s.xn.data(), s);
-          if (count && t == 0) counts[l * NPROJ + PGATE] += n_act;
+          if (t == 0) counts[l * NPROJ + PGATE] += n_act;
         }
-        project(L.gate, s.xn.data(), s, xqa, n_act, t, TT, G, &lo, &hi);
-      }
-      const bool cats = L.act > 0.0f;
-      if (!cats && !fused_gu) {
-        int64_t n_act = 0;
-        if (L.up.layout == COLS) {
-          n_act = active_of(L.up, s.xn.data(), s);
-          if (count && t == 0) counts[l * NPROJ + PUP] += n_act;
+        split_g = run_proj(L.gate, s.xn.data(), xqa, n_act, G, part_out, w_out, &lo, &hi);
+        if (!cats) {
+          n_act = 0;
+          if (L.up.layout == COLS) {
+            n_act = active_of(L.up, s.xn.data(), s);
+            if (t == 0) counts[l * NPROJ + PUP] += n_act;
+          }
+          split_u = run_proj(L.up, s.xn.data(), xqa, n_act, U, part_out + pad(I), w_out, &lo, &hi);
         }
-        project(L.up, s.xn.data(), s, xqa, n_act, t, TT, U, &lo, &hi);
       }
 #pragma omp barrier
+      settle();
       mark(T_GATE_UP);
       int64_t i0, i1;
       split(I, 8, t, TT, &i0, &i1);
+      const int64_t pu = fused_gu ? I : pad(I);
+      if (split_g) sum_parts(part_out, w_out, i0, i1, nullptr, G + i0);
+      if (split_u) sum_parts(part_out, w_out, pu + i0, pu + i1, nullptr, U + i0);
       float* tr_act = tr != nullptr && tr->act != nullptr ? tr->act + l * I : nullptr;
       float* tr_mid = tr != nullptr && tr->mid != nullptr ? tr->mid + l * I : nullptr;
       if (!cats) {
@@ -446,16 +532,20 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
 #pragma omp barrier
         mark(T_ACT);
         // ---- down + residual
+        int64_t n_act = 0;
+        const XQ xqh{xq.q, xq.d, xq.s, xq.ds, nblocks(I)};
         if (L.down.layout == ROWS) {
-          const XQ xqh{xq.q, xq.d, xq.s, xq.ds, nblocks(I)};
           if (quantized(L.down.fmt)) quantize_x(Hh, I, xqh);
-          project(L.down, Hh, s, xqh, 0, t, TT, Y, &lo, &hi);
         } else {
-          const int64_t n_act = active_of(L.down, Hh, s);
-          if (count && t == 0) counts[l * NPROJ + PDOWN] += n_act;
-          project(L.down, Hh, s, xqa, n_act, t, TT, Y, &lo, &hi);
+          n_act = active_of(L.down, Hh, s);
+          if (t == 0) counts[l * NPROJ + PDOWN] += n_act;
         }
-        for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+        if (run_proj(L.down, Hh, xqh, n_act, Y, part_res, w_res, &lo, &hi)) {
+          pending = true;
+          pending_bias = L.down.bias;
+        } else {
+          for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+        }
       } else {
         // CATS: a = Z(act(g), act); only rows of up and columns of down of a != 0 are read.
         ffn_middle(G, nullptr, i0, i1, L.act, M.act_fn, Hh, tr_act, nullptr);
@@ -464,7 +554,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
         int64_t n = 0;
         for (int64_t i = 0; i < I; ++i)
           if (Hh[i] != 0.0f) s.idx[n++] = static_cast<int32_t>(i);
-        if (count && t == 0) counts[l * NPROJ + PUP] += n;
+        if (t == 0) counts[l * NPROJ + PUP] += n;
         int64_t k0, k1;
         split(n, 1, t, TT, &k0, &k1);
         gather_range(mat(L.up), s.xn.data(), xqa, s.idx.data(), k0, k1, HC);
@@ -486,25 +576,26 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
             s.idx[na] = s.idx[k];
             s.xv[na++] = HC[k];
           }
-        if (count && t == 0) counts[l * NPROJ + PDOWN] += na;
-        int64_t b0, b1;
-        split(nblocks(D), 1, t, TT, &b0, &b1);
-        cols_range(mat(L.down), s.idx.data(), s.xv.data(), na, b0, b1, Y);
-        lo = std::min(D, b0 * QK);
-        hi = std::min(D, b1 * QK);
-        for (int64_t r = lo; r < hi; ++r) X[r] += Y[r] + (L.down.bias != nullptr ? L.down.bias[r] : 0.0f);
+        if (t == 0) counts[l * NPROJ + PDOWN] += na;
+        if (run_proj(L.down, nullptr, xqa, na, Y, part_res, w_res, &lo, &hi)) {
+          pending = true;
+          pending_bias = L.down.bias;
+        } else {
+          for (int64_t r = lo; r < hi; ++r) X[r] += Y[r];
+        }
       }
 #pragma omp barrier
       mark(T_DOWN);
     }
     // ---- final norm and LM head (rows layout)
-    rmsnorm(X, M.final_norm, D, M.eps, s.xn.data());
+    rmsnorm(residual_in(), M.final_norm, D, M.eps, s.xn.data());
     const XQ xq = s.xq.view(D);
     if (quantized(M.head.fmt)) quantize_x(s.xn.data(), D, xq);
     int64_t lo, hi;
     split(M.vocab, 1, t, TT, &lo, &hi);
     rows_range(mat(M.head), s.xn.data(), xq, lo, hi, logits);
 #pragma omp barrier
+    settle();  // the residual stream is not read again in this step; keep X consistent for tracing
     mark(T_HEAD);
   }
   e.steps += 1;
@@ -560,6 +651,9 @@ void* dormant_decode_create(const dstep::ModelDesc* m, float* kv, int64_t n_slot
   e->hc.assign(pad(I), 0.0f);
   e->qkv.assign(pad(Hd + 2 * KVd), 0.0f);
   e->gu.assign(pad(2 * I), 0.0f);
+  e->x_alt.assign(pad(D), 0.0f);
+  e->w_out = std::max(pad(Hd) + 2 * pad(KVd), 2 * pad(I));
+  e->w_res = pad(D);
   e->counts.assign(m->n_layers * NPROJ, 0);
   return e;
 }
@@ -577,7 +671,10 @@ int32_t dormant_decode_step(void* handle, int64_t token, int64_t pos, int64_t sl
   if (static_cast<int>(e.scratch.size()) < T) {
     e.scratch.resize(T);
     const int64_t width = std::max(e.m.dim, std::max(e.m.n_heads * e.m.head_dim, e.m.inter));
+    e.part_out.assign(static_cast<size_t>(T) * e.w_out, 0.0f);
+    e.part_res.assign(static_cast<size_t>(T) * e.w_res, 0.0f);
     for (auto& s : e.scratch) {
+      s.xr.assign(pad(e.m.dim), 0.0f);
       s.xn.assign(pad(width), 0.0f);
       s.idx.assign(pad(width), 0);
       s.xv.assign(pad(width), 0.0f);
@@ -600,6 +697,9 @@ int32_t dormant_decode_step_batch(void* handle, const int64_t* tokens, const int
   }
   return 0;
 }
+
+// Column split of cols projections across threads: 0 never, 1 always, 2 auto (see column_split).
+void dormant_decode_set_split(void* handle, int32_t mode) { static_cast<dstep::Engine*>(handle)->split_mode = mode; }
 
 // Phase times (ns, thread 0, summed over steps while profiling) into out[8]; enable turns profiling
 // on (1) or off (0), reset zeroes the sums.

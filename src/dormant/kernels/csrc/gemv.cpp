@@ -15,8 +15,9 @@
 // interleaved row streams at about half of it, so rows are not grouped (x stays in L1 anyway).
 //
 // cols layout (input-major, blocks along the output): y += x_i * W[:, i] for the active columns only,
-// in float (scale * x_i broadcast per block, FMA), one column per pass over this thread's part of y
-// (in L1), the columns ahead prefetched into L2. Threads split y by whole blocks.
+// in float (scale * x_i broadcast per block, FMA), kColsPerPass columns per load/store of a y block,
+// the columns ahead prefetched into L2. Threads split y by whole blocks, or the active columns
+// (whole columns per thread, private partial y; see dormant_gemv_cols).
 //
 // Compile-time paths: AVX512-VNNI (+VL, BW) > AVX2 + FMA + F16C > scalar. The vector code is mostly
 // 256-bit (Zen 4 executes 512-bit ops as two halves); AVX-512 adds the VNNI block dot and a 512-bit
@@ -386,13 +387,14 @@ inline void gather_range(const Mat& m, const float* x, const XQ& xq, const int32
 // A quantised column stores its nb block scales first (fp16 d[nb]; q4_1 then fp16 m[nb]) and then the
 // block quants (q8_0: int8 [nb][32]; q4: u8 [nb][16], same nibble order as GGUF) -- the bytes of nb
 // GGUF blocks, reordered so that a column's scales convert 8 or 16 at a time.
-// One column per pass: a core streams one sequence of bytes fastest, and y (this thread's part of the
-// output) stays in L1. Active columns are scattered and a thread's part of one is short (out / threads
-// / 32 blocks), which the hardware prefetchers do not follow, so while a column streams, the column
-// `dist` ahead is prefetched into L2 at the same offsets (rate-matched: a few lines per 16 blocks),
-// with dist = kPrefetchBytes / (bytes per column part), 2..64: measured here, 50%-random 0.3-4 KB
-// chunks read at 1.5-2x the speed of no prefetching or of whole-column prefetches into L1. The
-// block-constant terms (q4_0: -8 d x, q4_1: m x) are summed per block over all columns and added once.
+// kColsPerPass columns are added per load/store of a y block (this thread's part of y stays in L1 by
+// chunks of kColsChunk blocks). Active columns are scattered and a thread's part of one is short, which
+// the hardware prefetchers do not follow, so while columns stream, the columns `dist` ahead are
+// prefetched into L2 at the same offsets (rate-matched: a few lines per 16 blocks), with dist =
+// kPrefetchBytes / (bytes per column part), 2..64: measured here, 50%-random 0.3-4 KB chunks read at
+// 1.5-2x the speed of no prefetching or of whole-column prefetches into L1; 4 columns per pass cut the
+// compute per block by ~25% over one. The block-constant terms (q4_0: -8 d x, q4_1: m x) are summed per
+// block over all columns and added once.
 
 inline int64_t quant_bytes(int32_t fmt) { return fmt == Q8_0 ? 32 : 16; }  // per block, after the scales
 inline int64_t scale_bytes(int32_t fmt) { return fmt == Q4_1 ? 4 : 2; }    // per block, before the quants
@@ -480,6 +482,10 @@ DG_INLINE void axpy_block(const uint8_t* const* q, const float* s, float* y) {
 #define DG_COLS_PER_PASS 4
 #endif
 constexpr int kColsPerPass = DG_COLS_PER_PASS;  // columns whose blocks are added per load/store of y
+#ifndef DG_COLS_CHUNK
+#define DG_COLS_CHUNK 64
+#endif
+constexpr int64_t kColsChunk = DG_COLS_CHUNK;
 
 // NC columns (pointers col[c], inputs x[c]) over blocks [c0, c1) of one chunk; next[c]: columns to
 // prefetch (or null).
@@ -543,12 +549,12 @@ void cols_range_t(const Mat& m, const int32_t* idx, const float* xv, int64_t n, 
     }
     return;
   }
-  // Chunks of up to 64 blocks (2048 outputs) keep their block constants in cs and their y in L1.
+  // Chunks of up to kColsChunk blocks: each pass over the active columns reads that part of every column.
   const int64_t nb = nblocks(m.out);
   constexpr int P = kColsPerPass;
-  float cs[64];
-  for (int64_t c0 = b0; c0 < b1; c0 += 64) {
-    const int64_t c1 = std::min(b1, c0 + 64);
+  float cs[kColsChunk];
+  for (int64_t c0 = b0; c0 < b1; c0 += kColsChunk) {
+    const int64_t c1 = std::min(b1, c0 + kColsChunk);
     std::fill(cs, cs + (c1 - c0), 0.0f);
     const int64_t dist = prefetch_dist((c1 - c0) * block_bytes(FMT));
     const int64_t qb = quant_bytes(FMT), s_end = nb * scale_bytes(FMT);
@@ -671,20 +677,36 @@ int64_t dormant_gemv_rows(const void* w, int64_t out, int64_t in, int32_t fmt, c
 }
 
 // y[out] = sum_{i active} x_i W[:, i] (cols layout), active = not |x_i| < t_i and x_i != 0 (t null: all).
-// y_pad must hold ceil(out / 32) * 32 floats. Returns the number of active columns, or -1.
+// y_pad must hold ceil(out / 32) * 32 floats. Threads split the output blocks (split_columns = 0) or
+// the active columns (1: each thread reads whole columns into a private y, summed in thread order).
+// Returns the number of active columns, or -1.
 int64_t dormant_gemv_cols(const void* w, int64_t out, int64_t in, int32_t fmt, const float* x, const float* t,
-                          float* y_pad, int32_t n_threads) {
+                          float* y_pad, int32_t n_threads, int32_t split_columns) {
   if (!dg::valid_fmt(fmt)) return -1;
   const dg::Mat m = dg::make_mat(w, out, in, fmt, dg::COLS);
   std::vector<int32_t> idx(static_cast<size_t>(in));
   std::vector<float> xv(static_cast<size_t>(in));
   const int64_t n = dg::select_active(x, t, in, idx.data(), xv.data());
-  const int64_t nbo = dg::nblocks(out);
-#pragma omp parallel num_threads(n_threads > 0 ? n_threads : 1)
+  const int64_t nbo = dg::nblocks(out), T = n_threads > 0 ? n_threads : 1;
+  std::vector<float> part(split_columns ? static_cast<size_t>(T * nbo * dg::QK) : 0);
+#pragma omp parallel num_threads(T)
   {
+    const int th = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t lo, hi;
-    dg::split(nbo, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    dg::cols_range(m, idx.data(), xv.data(), n, lo, hi, y_pad);
+    if (split_columns) {
+      dg::split(n, 1, th, nt, &lo, &hi);
+      dg::cols_range(m, idx.data() + lo, xv.data() + lo, hi - lo, 0, nbo, part.data() + th * nbo * dg::QK);
+#pragma omp barrier
+      dg::split(nbo * dg::QK, dg::QK, th, nt, &lo, &hi);
+      for (int64_t o = lo; o < hi; ++o) {
+        float v = 0.0f;
+        for (int k = 0; k < nt; ++k) v += part[k * nbo * dg::QK + o];
+        y_pad[o] = v;
+      }
+    } else {
+      dg::split(nbo, 1, th, nt, &lo, &hi);
+      dg::cols_range(m, idx.data(), xv.data(), n, lo, hi, y_pad);
+    }
   }
   return n;
 }

@@ -34,9 +34,12 @@ class Engine:
         batch: independent sequences (KV slots) for :meth:`step_batch` / :meth:`generate_batch`.
         threads: threads per step (None: ``torch.get_num_threads()``, fewer for tiny models; see
             :class:`~dormant.kernels.decode_step.DecodeStep`).
+        column_split: how threads share a sparse (cols) projection; see
+            :class:`~dormant.kernels.decode_step.DecodeStep`.
     """
 
-    def __init__(self, weights: EngineWeights, max_seq: int = 2048, batch: int = 1, threads: int | None = None):
+    def __init__(self, weights: EngineWeights, max_seq: int = 2048, batch: int = 1, threads: int | None = None,
+                 column_split: str = "auto"):  # fmt: skip
         if weights.max_context is not None and max_seq > weights.max_context:
             raise UnsupportedDecodeError(
                 f"{weights.model_type} attends within a sliding window of {weights.max_context} positions; the engine "
@@ -44,7 +47,7 @@ class Engine:
             )
         self.weights = weights
         self.max_seq, self.batch = max_seq, batch
-        self.step_fn = DecodeStep(weights.decoder, max_seq, batch, threads)
+        self.step_fn = DecodeStep(weights.decoder, max_seq, batch, threads, column_split=column_split)
         self._logits = torch.empty(weights.decoder.vocab, dtype=torch.float32)
 
     @property

@@ -437,6 +437,9 @@ def pack_gguf(
 # Random weights -------------------------------------------------------------------------------
 
 def _random_packed(out_f: int, in_f: int, fmt: str, layout: str, gen: torch.Generator, pool: torch.Tensor) -> PackedWeight:
+    """Random weights ~ unit-variance outputs for unit-variance inputs. Quantised: random quant bytes (tiled from
+    ``pool``) and one scale magnitude with a random sign per block, so weights have mean 0 (uniform nibbles alone
+    have mean -0.5 after q4_0's offset, which compounds over layers)."""
     f = block_format(fmt)
     n_vec, n_len = (out_f, in_f) if layout == "rows" else (in_f, out_f)
     if not f.quantized:
@@ -447,19 +450,21 @@ def _random_packed(out_f: int, in_f: int, fmt: str, layout: str, gen: torch.Gene
     start = int(torch.randint(0, pool.numel() - 1, (1,), generator=gen))
     reps = -(-(start + total) // pool.numel())
     data = pool.repeat(reps)[start : start + total].reshape(n_vec, nb, f.block_bytes).clone()
-    # scales: ~unit-variance outputs for unit-variance inputs (q8: |q| ~ 64; q4: |q - 8| ~ 4.5)
-    d = torch.tensor([(64.0 if fmt == "q8_0" else 4.5) ** -1 * n_len**-0.5], dtype=torch.float16).view(torch.uint8)
+    # |q| ~ 74 (q8_0, uniform int8) or |q - 8| ~ 4.6 (4-bit): d = 1 / (that * sqrt(fan-in of a row))
+    d = (74.0 if fmt == "q8_0" else 4.6) ** -1 * in_f**-0.5
+    sign = torch.randint(0, 2, (n_vec, nb), generator=gen, dtype=torch.uint8)
+    scales = [torch.tensor([d], dtype=torch.float16).view(torch.uint8).repeat(n_vec, nb, 1)]
+    if fmt == "q4_1":  # m = -8 d: the same centred values as q4_0
+        scales.append(torch.tensor([-8 * d], dtype=torch.float16).view(torch.uint8).repeat(n_vec, nb, 1))
+    for sc in scales:
+        sc[..., 1] ^= sign << 7  # the fp16 sign bit
+    header = torch.cat(scales, -1)  # [n_vec, nb, 2 or 4]
     if layout == "rows":
-        data[:, :, 0:2] = d
-        if fmt == "q4_1":
-            data[:, :, 2:4] = torch.tensor([-8.0 * float(d.view(torch.float16))], dtype=torch.float16).view(torch.uint8)
+        data[..., : header.shape[-1]] = header
         return PackedWeight(data.reshape(n_vec, -1).contiguous(), fmt, layout, out_f, in_f)
-    flat = data.reshape(n_vec, -1)
-    flat[:, : 2 * nb] = d.repeat(nb)
-    if fmt == "q4_1":
-        flat[:, 2 * nb : 4 * nb] = torch.tensor([-8.0 * float(d.view(torch.float16))], dtype=torch.float16).view(
-            torch.uint8
-        ).repeat(nb)
+    flat = data.reshape(n_vec, -1)  # cols: every block's d, then (q4_1) every m, then the quants
+    for k, sc in enumerate(scales):
+        flat[:, 2 * nb * k : 2 * nb * (k + 1)] = sc.reshape(n_vec, -1)
     return PackedWeight(flat.contiguous(), fmt, layout, out_f, in_f)
 
 

@@ -486,6 +486,15 @@ constexpr int kColsPerPass = DG_COLS_PER_PASS;  // columns whose blocks are adde
 #define DG_COLS_CHUNK 64
 #endif
 constexpr int64_t kColsChunk = DG_COLS_CHUNK;
+#ifndef DG_STREAM_BELOW_BYTES
+#define DG_STREAM_BELOW_BYTES 1024
+#endif
+constexpr int64_t kStreamBelowBytes = DG_STREAM_BELOW_BYTES;  // columns at most this long are streamed
+#ifdef DG_NO_STREAM
+constexpr bool kStreamColumns = false;
+#else
+constexpr bool kStreamColumns = true;
+#endif
 
 // NC columns (pointers col[c], inputs x[c]) over blocks [c0, c1) of one chunk; next[c]: columns to
 // prefetch (or null).
@@ -558,12 +567,26 @@ void cols_range_t(const Mat& m, const int32_t* idx, const float* xv, int64_t n, 
     std::fill(cs, cs + (c1 - c0), 0.0f);
     const int64_t dist = prefetch_dist((c1 - c0) * block_bytes(FMT));
     const int64_t qb = quant_bytes(FMT), s_end = nb * scale_bytes(FMT);
-    for (int64_t k = 0; k < std::min(dist, n); ++k) {  // the first columns, whole
-      const uint8_t* p = column(k);
-      for (int64_t o = 2 * c0; o < 2 * c1; o += 64) prefetch_l2(p + o);
-      if (FMT == Q4_1)
-        for (int64_t o = 2 * c0; o < 2 * c1; o += 64) prefetch_l2(p + 2 * nb + o);
-      for (int64_t o = c0 * qb; o < c1 * qb; o += 64) prefetch_l2(p + s_end + o);
+    // Whole short columns (this thread reads every block of them): stream the memory from the first
+    // active column to the one `dist` ahead, inactive columns included -- one sequential stream of
+    // prefetches reads faster here than scattered sub-KB chunks, and the skipped bytes are few (the gap
+    // between active columns is stride / density). Otherwise prefetch the active columns' parts only.
+    const bool stream = kStreamColumns && c0 == 0 && c1 == nb && m.stride <= kStreamBelowBytes && n > 0;
+    const uint8_t* pf = stream ? column(0) : nullptr;  // next line to prefetch when streaming
+    auto stream_to = [&](int64_t k) {  // prefetch up to the end of active column k
+      const uint8_t* end = column(std::min(k, n - 1)) + m.stride;
+      for (; pf < end; pf += 64) prefetch_l2(pf);
+    };
+    if (stream) {
+      stream_to(std::min<int64_t>(3, n - 1));
+    } else {
+      for (int64_t k = 0; k < std::min(dist, n); ++k) {  // the first columns, whole
+        const uint8_t* p = column(k);
+        for (int64_t o = 2 * c0; o < 2 * c1; o += 64) prefetch_l2(p + o);
+        if (FMT == Q4_1)
+          for (int64_t o = 2 * c0; o < 2 * c1; o += 64) prefetch_l2(p + 2 * nb + o);
+        for (int64_t o = c0 * qb; o < c1 * qb; o += 64) prefetch_l2(p + s_end + o);
+      }
     }
     const uint8_t* col[P];
     const uint8_t* next[P];
@@ -571,8 +594,9 @@ void cols_range_t(const Mat& m, const int32_t* idx, const float* xv, int64_t n, 
       const int nc = static_cast<int>(std::min<int64_t>(P, n - k));
       for (int c = 0; c < nc; ++c) {
         col[c] = column(k + c);
-        next[c] = k + c + dist < n ? column(k + c + dist) : nullptr;
+        next[c] = !stream && k + c + dist < n ? column(k + c + dist) : nullptr;
       }
+      if (stream) stream_to(k + nc - 1 + dist);
       switch (nc) {
         case 4: cols_pass<FMT, (P >= 4 ? 4 : 1)>(col, next, xv + k, nb, c0, c1, cs, y); break;
         case 3: cols_pass<FMT, (P >= 3 ? 3 : 1)>(col, next, xv + k, nb, c0, c1, cs, y); break;

@@ -9,6 +9,9 @@ Sparsity is part of the description: a projection in the ``cols`` layout reads o
 channels that survive its threshold vector (``thresholds[name]``, ``[in]``); ``mid`` and ``act`` are the
 FFN's intermediate and ``act(gate)`` (CATS) thresholds. :data:`LAYOUT_RULES` says which layout each
 choice needs; :meth:`DecoderWeights.validate` raises on any other combination (no silent fallback).
+Projections reading one tensor with one threshold vector (q/k/v, gate/up) may be stored fused, one
+cols weight each (:attr:`LayerWeights.qkv`, :attr:`LayerWeights.gate_up`): the same numbers, longer
+contiguous columns.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ LAYOUT_RULES = {
     "down when mid or act is set": "cols",
     "up when act is set (CATS row gather)": "rows",
     "embedding and LM head": "rows",
+    "fused qkv / gate_up (one threshold vector for the parts)": "cols",
 }
 # Phases DecodeStep.profile() reports, in step order (thread 0's wall time, waits at barriers included;
 # "qkv" includes the attention norm, "act" the FFN activation, "head" the final norm).

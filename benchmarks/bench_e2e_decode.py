@@ -22,7 +22,9 @@ one model call + argmax). Thread counts (``--threads``) run one after the other.
   truncated model and an estimate for 32 layers from the per-phase profile (head + 32/L x layers).
 
 A profiling pass (per-phase wall time of thread 0, :data:`dormant.kernels.decode_step.PHASES`) after
-the timed runs says where each engine's time goes. Never a test: results go to ``--out`` as JSON
+the timed runs says where each engine's time goes. Multi-thread numbers need otherwise idle cores: a
+step has ~8 barriers per layer (llama.cpp's graph has its own), and a descheduled thread turns each
+into a wait of a scheduler time slice. Never a test: results go to ``--out`` as JSON
 lines with :func:`dormant.report.provenance`, and a markdown table per model and thread count.
 
 Usage::

@@ -32,7 +32,7 @@ VALUES = ["0", "1", "-1", "2", "3", "0.5", "0.999", "1.0", "1.5", "-0.1", "nan",
           "", ",", "0,nan", "0.3,0.5", "1,2,4", "0,0.3,0.5", "x,y", "/nonexistent/x", README, HERE, "stories260k",
           "smollm2-135m", "resnet20", "lenet", "mnist", "paper", "intermediate", "uniform", "sensitivity", "lowrank",
           "ftbc", "none", "lru:pin=0.5", "lru:pin=abc", "window:k=-1", "rpi5-nvme", "fp16", "int4", "cpu", "cuda:x",
-          "auto", "float32", "üñí", "1" * 40]
+          "auto", "float32", "üñí", "1" * 40, "teal", "wina", "linear:wina:loss", "linear", "q_in", "gguf", "q4_0"]
 
 
 class Reached(Exception):
@@ -54,6 +54,8 @@ RUNNERS = [
     ("dormant.experiments.snn_report", "run_report"),
     ("dormant.experiments.qcfs", "train_qcfs"),
     ("dormant.experiments.demo", "run_demo"),
+    ("dormant.experiments.input_prediction", "run_input_prediction"),
+    ("dormant.experiments.decode", "generate_text"),
 ]
 
 

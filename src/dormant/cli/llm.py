@@ -1,5 +1,6 @@
-"""``dormant calibrate | eval | sweep``: flags map 1:1 onto the config dataclasses of :mod:`dormant.llm` and of the
-sparsity sweep (:mod:`dormant.experiments.sparsity`)."""
+"""``dormant calibrate | eval | sweep | generate``: flags map 1:1 onto the config dataclasses of :mod:`dormant.llm`,
+of the sparsity sweep (:mod:`dormant.experiments.sparsity`) and of the decode engine's runner
+(:mod:`dormant.experiments.decode`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dormant.cli.checks import check_artifact, check_layer_targets, check_seqlens, model_context, model_facts
-from dormant.config import add_config_args, checked, config_from_args, field, in_file, out_file
-from dormant.experiments.configs import SweepConfig
+from dormant.config import UsageError, add_config_args, checked, config_from_args, field, in_file, out_file
+from dormant.experiments.configs import GenerateConfig, SweepConfig
 from dormant.llm.configs import (
     CalibDataConfig,
     CalibrationConfig,
@@ -58,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_args(p, cls)
     add_config_args(p, SweepConfig, skip=("model", "calib", "eval"))
     p.set_defaults(handler=_sweep)
+
+    p = sub.add_parser("generate", help="greedy decode with the lean C++ engine, dense or with thresholds")
+    add_config_args(p, ModelConfig)
+    add_config_args(p, GenerateConfig, skip=("model",))
+    p.set_defaults(handler=_generate)
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
@@ -148,4 +154,29 @@ def _sweep(ns: argparse.Namespace) -> int:
 
     run_sparsity_sweep(cfg)
     print(f"report: {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    cfg = config_from_args(GenerateConfig, ns, model=config_from_args(ModelConfig, ns))
+    check_artifact(cfg.thresholds, "thresholds", "thresholds")
+    facts = model_facts(cfg.model)
+    if facts.context is not None and (cfg.max_seq or cfg.max_new_tokens) > facts.context:
+        raise UsageError(f"--max-seq / --max-new-tokens exceed the model's context of {facts.context} tokens")
+
+    from dormant.artifacts import atomic_write_text
+    from dormant.experiments.decode import generate_text
+    from dormant.llm.models import gguf_file
+
+    if cfg.weights == "gguf" and gguf_file(cfg.model.model) is None:
+        raise UsageError(f"--weights gguf needs a .gguf model; {cfg.model.model!r} is not one: choose fp32, bf16, "
+                         "q8_0, q4_0 or q4_1")
+
+    r = generate_text(cfg)
+    print(r["text"])
+    density = "" if r["density"] is None else "; density " + ", ".join(f"{k} {v:.2f}" for k, v in r["density"].items())
+    print(f"-- {r['new_tokens']} tokens, decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s "
+          f"({r['weights']}, {r['threads']} threads{density})")
+    if cfg.json_out:
+        atomic_write_text(Path(cfg.json_out), json.dumps(r, indent=1))
     return 0

@@ -421,3 +421,24 @@ class InputPredictionConfig:
         if parse_method(self.method)[1] not in ("linear", "linear_head", "chess"):
             raise UsageError(f"method {self.method!r} thresholds no q/k/v input; use one with site linear, "
                              "linear_head or chess (q only)")
+
+
+DECODE_WEIGHTS = ("gguf", "fp32", "bf16", "q8_0", "q4_0", "q4_1")  # = dormant.llm.decode WEIGHT_FORMATS + gguf
+
+
+@dataclass
+@checked
+class GenerateConfig:
+    """``dormant generate``: greedy decode with the lean C++ engine (dormant.llm.decode), dense or sparse."""
+
+    model: ModelConfig
+    prompt: str = field("Once upon a time", help="the prompt", check=lambda v: None if v else "is empty")
+    max_new_tokens: int = field(64, help="tokens to generate (greedy)", ge=1)
+    thresholds: str | None = field(None, check=in_file,
+                                   help="Thresholds artifact (dormant calibrate) to decode with; dense if unset")
+    weights: str = field("gguf", choices=DECODE_WEIGHTS,
+                         help="weight format: gguf (the file's own blocks, for a .gguf model) or fp32 | bf16 | "
+                              "q8_0 | q4_0 | q4_1 (re-packed)")
+    threads: int | None = field(None, help="engine threads (default torch's)", ge=1)
+    max_seq: int | None = field(None, help="KV cache length (default: prompt + new tokens)", ge=2)
+    json_out: str | None = field(None, help="also write the result as JSON here", check=out_file)

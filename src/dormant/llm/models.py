@@ -18,7 +18,7 @@ import torch
 
 from dormant.llm.configs import ALIASES, ModelConfig
 
-__all__ = ["ModelConfig", "ALIASES", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["ModelConfig", "ALIASES", "gguf_file", "load_model", "resolve_device", "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,6 +69,12 @@ def _source(name: str) -> tuple[str, dict[str, Any]]:
     if p.exists():
         return str(p), {}
     return name, {}
+
+
+def gguf_file(name: str) -> Path | None:
+    """The ``.gguf`` file a model spec loads from (the alias ``smollm2-135m`` or a ``.gguf`` path), else None."""
+    path, kwargs = _source(name)
+    return Path(path) / kwargs["gguf_file"] if "gguf_file" in kwargs else None
 
 
 def load_model(config: ModelConfig | str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:

@@ -12,7 +12,9 @@ one model call + argmax). Thread counts (``--threads``) run one after the other.
   context); engine sparse at each ``--targets`` sparsity for the ``intermediate`` site (one ``mid``
   threshold per layer) and the ``inputs`` site (TEAL-like: per projection, all 7 linears, one
   threshold at the target quantile of ``|x|``), calibrated on ``--calib-tokens`` WikiText-2
-  validation tokens with the dense fp32 engine's trace, run on the Q4_0 / Q8_0 files (projections the
+  validation tokens with the dense fp32 engine's trace, and at the plans of ``--thresholds`` artifacts
+  calibrated by the library (any site with an engine path, e.g. a sweep's TEAL-greedy or dormant points),
+  run on the Q4_0 / Q8_0 files (projections the
   plan sparsifies re-packed column-major in the file's format). The density each projection actually
   had during the timed decode is reported beside each point.
 * Llama-3.2-1B and Llama-3-8B shapes with random weights (speed does not depend on values): dense and
@@ -79,6 +81,8 @@ class E2EBenchConfig:
     targets: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5], help="target sparsities")
     sites: list[str] = field(default_factory=lambda: ["intermediate", "inputs"], help="intermediate (mid), inputs (7 linears)")
     calib_tokens: int = field(128, help="WikiText-2 validation tokens traced for the thresholds")
+    thresholds: list[str] = field(default_factory=list, help="SmolLM2 Thresholds artifacts (dormant calibrate, "
+                                  "dormant sweep) also run sparse, as dormant.llm.decode.from_thresholds maps them")
     sparse_files: list[str] = field(default_factory=lambda: ["Q4_0", "Q8_0"], help="SmolLM2 GGUF files sparse variants run on")
     random_formats: list[str] = field(default_factory=lambda: ["q4_0", "q8_0"], help="formats of the random-weight models")
     random_sparse_formats: list[str] = field(default_factory=lambda: ["q4_0"], help="random-model formats with sparse variants")
@@ -258,7 +262,15 @@ def smollm2_variants(cfg: E2EBenchConfig, threads: int, prompt: list[int], cache
         calib_engine = Engine(pack_model(model, "fp32", positions=1024), max_seq=1024)
         text = make_windows(tok, load_text("wikitext2-valid"), cfg.calib_tokens, max_windows=1, source="wikitext2-valid")
         trace = calib_engine.trace(text.ids[0].tolist())
-        cache.update(hf=model, files=files, plans=plans_from_trace(trace, cfg.targets, cfg.sites), engines={})
+        plans = plans_from_trace(trace, cfg.targets, cfg.sites)
+        if cfg.thresholds:
+            from dormant.llm.adapters import ffn_layout
+            from dormant.llm.decode.from_thresholds import plan_from_thresholds
+            from dormant.llm.thresholds import Thresholds
+
+            for path in cfg.thresholds:
+                plans[Path(path).stem] = plan_from_thresholds(Thresholds.load(path), ffn_layout(model))
+        cache.update(hf=model, files=files, plans=plans, engines={})
         cache["engines"]["engine fp32"] = (calib_engine, {"fmt": "fp32", "source": "hf"})
         for fmt in ("bf16", "q8_0", "q4_0"):
             cache["engines"][f"engine {fmt}"] = (Engine(pack_model(model, fmt, positions=1024), 1024),

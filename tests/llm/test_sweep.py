@@ -62,7 +62,9 @@ def test_calibrating_on_the_evaluation_text_must_be_explicit(tmp_path, capsys):
 
 def test_sweep_report_is_unchanged_by_the_redesign(tmp_path):
     """``tests/golden/sweep_stories260k.md`` was written by the code before the library/experiments split
-    (commit 78126f8) with exactly these flags; the same sweep must give the same report, byte for byte."""
+    (commit 78126f8) with exactly these flags; the same sweep must give the same report: the same text, and each
+    printed number equal up to one unit in its last printed digit (another CPU's float kernels round differently)."""
+    import re
     from pathlib import Path
 
     golden = Path(__file__).parents[1] / "golden" / "sweep_stories260k.md"
@@ -71,7 +73,12 @@ def test_sweep_report_is_unchanged_by_the_redesign(tmp_path):
                  "--calib-seqlen", "128", "--sens-windows", "1", "--sens-seqlen", "128", "--sites", "paper,intermediate",
                  "--sparsity", "0,0.3,0.5", "--allocation", "uniform,sensitivity", "--refine", "1", "--out", str(out),
                  "--no-progress"]) == 0
-    assert (out / "report.md").read_text() == golden.read_text()
+    number = re.compile(r"-?\d+(?:\.(\d+))?")
+    got, want = (out / "report.md").read_text(), golden.read_text()
+    assert number.sub("#", got) == number.sub("#", want)
+    for g, w in zip(number.finditer(got), number.finditer(want), strict=True):
+        ulp = 10.0 ** -len(w.group(1) or "")
+        assert abs(float(g.group()) - float(w.group())) <= ulp * 1.001, (g.group(), w.group())
 
 
 def test_sweep_of_methods_reports_perplexity_against_linear_bytes_skipped(tmp_path, caplog):

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["linear_of", "tap_bytes", "site_byte_fraction", "greedy_block_targets", "loss_targets", "QuantileTable"]
 
 CAP = 0.95  # the highest target any tap is given
-ROUNDS, DELTA, CURVATURE, MAX_STEP = 3, 0.05, 8.0, 0.1  # loss allocation: rounds, probe step, curvature, step cap
+ROUNDS, DELTA, CURVATURE, MAX_STEP = 4, 0.1, 8.0, 0.1  # loss allocation: rounds, probe step, curvature, step cap
 
 
 def linear_of(layout: FFNLayout, tap: Tap) -> Linear:

@@ -112,3 +112,14 @@ def test_a_bad_method_is_refused_with_the_options(capsys):
     assert len(err.splitlines()) == 1 and "tael" in err and "teal-greedy" in err
     assert main(["sweep", *SMALL, "--methods", "intermediate:wina:greedy"]) == 2
     assert "use site linear" in capsys.readouterr().err
+
+
+def test_calibrate_takes_a_named_method(tmp_path, capsys):
+    from dormant.llm.thresholds import Thresholds
+
+    out = tmp_path / "t.safetensors"
+    assert main(["calibrate", *SMALL, "--method", "wina", "--sparsity", "0.4", "--out", str(out)]) == 0
+    thr = Thresholds.load(out)
+    assert thr.site == "linear" and thr.calibration["score"] == "wina"
+    assert main(["calibrate", *SMALL, "--method", "teal-fast", "--out", str(out)]) == 2
+    assert "teal-greedy" in capsys.readouterr().err  # the error lists the methods

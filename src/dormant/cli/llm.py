@@ -5,6 +5,7 @@ of the sparsity sweep (:mod:`dormant.experiments.sparsity`) and of the decode en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dormant.llm.configs import (
     EvalConfig,
     ModelConfig,
     check_calibration_text,
+    parse_method,
 )
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 @dataclass
 @checked
 class CalibrateOutputConfig:
+    method: str | None = field(None, help="a named method (teal, teal-greedy, wina, chess, dormant, ... as in dormant "
+                               "sweep) or site:score:allocation; sets --site, --score and --allocation")
     out: str = field("runs/thresholds.safetensors", help="where to write the Thresholds artifact", check=out_file)
     stats_out: str | None = field(None, help="also save the activation statistics (any target can be read later)",
                                   check=out_file)
@@ -70,6 +74,9 @@ def _calibrate(ns: argparse.Namespace) -> int:
     mc, dc, ec, oc = (config_from_args(c, ns) for c in (ModelConfig, CalibDataConfig, EvalConfig,
                                                         CalibrateOutputConfig))
     cc = config_from_args(CalibrationConfig, ns, batch_size=ec.batch_size)
+    if oc.method:
+        _, site, score, allocation = parse_method(oc.method)
+        cc = dataclasses.replace(cc, site=site, score=score, allocation=allocation)
     check_calibration_text(dc, ec)
     facts = model_facts(mc)
     check_layer_targets(facts.layers, cc.sparsity)

@@ -17,6 +17,14 @@ __all__ = ["GenerateConfig", "generate_text"]
 
 
 def generate_text(cfg: GenerateConfig) -> dict[str, Any]:
+    """Greedy decode of ``cfg.prompt`` (engine threads: ``cfg.threads``, put back afterwards)."""
+    from dormant.experiments.runtime import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> dict[str, Any]:
     import torch
 
     from dormant.llm.adapters import ffn_layout
@@ -25,8 +33,6 @@ def generate_text(cfg: GenerateConfig) -> dict[str, Any]:
     from dormant.llm.models import gguf_file, load_model
     from dormant.llm.thresholds import Thresholds
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model, tok, info = load_model(cfg.model)
     plan = None
     if cfg.thresholds:

@@ -51,8 +51,10 @@ def test_generate_cli_decodes_what_the_sparsified_hf_model_decodes(tmp_path, cap
     assert main(["calibrate", "--model", "stories260k", "--site", "linear", "--sparsity", "0.3", "--calib-windows",
                  "2", "--calib-seqlen", "128", "--out", str(thr_path), "--no-progress"]) == 0
     out = tmp_path / "gen.json"
+    before = torch.get_num_threads()
     assert main(["generate", "--model", "stories260k", "--weights", "fp32", "--prompt", "Once upon a time",
-                 "--max-new-tokens", "12", "--thresholds", str(thr_path), "--json-out", str(out)]) == 0
+                 "--max-new-tokens", "12", "--thresholds", str(thr_path), "--json-out", str(out), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == before  # the thread count is put back
     r = json.loads(out.read_text())
     assert "tok/s" in capsys.readouterr().out and r["new_tokens"] == 12 and r["density"]
     from dormant.llm.thresholds import Thresholds

@@ -46,7 +46,8 @@ LAYOUT_RULES = {
     "projection with an input threshold vector": "cols",
     "down when mid or act is set": "cols",
     "up when act is set (CATS row gather)": "rows",
-    "embedding and LM head": "rows",
+    "embedding": "rows",
+    "LM head": "rows, or cols with head_thresholds (input sparsity; vocab a multiple of 32)",
     "fused qkv / gate_up (one threshold vector for the parts)": "cols",
 }
 # Phases DecodeStep.profile() reports, in step order (thread 0's wall time, waits at barriers included;
@@ -128,10 +129,12 @@ class DecoderWeights:
         eps: RMSNorm epsilon. emb_scale: embedding multiplier (Gemma: ``sqrt(dim)``; else 1).
         attn_scale: score scale (``head_dim ** -0.5`` for these families).
         activation: ``"silu"`` or ``"gelu_tanh"``.
-        embedding, head: ``[vocab, dim]`` rows layout (the same data when the embedding is tied).
+        embedding, head: ``[vocab, dim]``; the embedding rows layout, the head too (the same data when the
+            embedding is tied) unless ``head_thresholds`` is set: then the head is a cols weight.
         final_norm: ``[dim]``.
         rope_cos, rope_sin: ``[max_positions, head_dim]`` float32 (``rotate_half`` convention).
         layers: the layers.
+        head_thresholds: input threshold vector ``[dim]`` float32 of the LM head (None: dense).
     """
 
     dim: int
@@ -150,6 +153,7 @@ class DecoderWeights:
     rope_sin: torch.Tensor
     layers: list[LayerWeights]
     emb_scale: float = 1.0
+    head_thresholds: torch.Tensor | None = None
 
     @property
     def attn_dim(self) -> int:
@@ -174,9 +178,17 @@ class DecoderWeights:
             raise ValueError("n_heads must be a multiple of n_kv_heads and head_dim even")
         if self.rope_cos.shape != self.rope_sin.shape or self.rope_cos.shape[1:] != (self.head_dim,):
             raise ValueError(f"rope tables must be [positions, {self.head_dim}], got {tuple(self.rope_cos.shape)}")
-        for name, w in (("embedding", self.embedding), ("head", self.head)):
-            if w.shape != (self.vocab, self.dim) or w.layout != "rows":
-                raise ValueError(f"{name} must be rows-layout [{self.vocab}, {self.dim}], got {w.layout} {list(w.shape)}")
+        head_layout = "rows" if self.head_thresholds is None else "cols"
+        for name, w, layout in (("embedding", self.embedding, "rows"), ("head", self.head, head_layout)):
+            if w.shape != (self.vocab, self.dim) or w.layout != layout:
+                raise ValueError(f"{name} must be {layout}-layout [{self.vocab}, {self.dim}], got {w.layout} "
+                                 f"{list(w.shape)}")
+        if self.head_thresholds is not None:
+            t = self.head_thresholds
+            if t.dtype != torch.float32 or t.shape != (self.dim,):
+                raise ValueError(f"head_thresholds must be float32 [{self.dim}], got {t.dtype} {list(t.shape)}")
+            if self.vocab % 32:
+                raise ValueError(f"a cols LM head needs the vocabulary in whole blocks of 32, got {self.vocab}")
         d, a, kv, i = self.dim, self.attn_dim, self.n_kv_heads * self.head_dim, self.inter
         shapes = {"q": (a, d), "k": (kv, d), "v": (kv, d), "o": (d, a), "gate": (i, d), "up": (i, d), "down": (d, i)}
         for n, layer in enumerate(self.layers):
@@ -354,7 +366,7 @@ class DecodeStep:
         self._model = _Model(
             w.n_layers, w.dim, w.n_heads, w.n_kv_heads, w.head_dim, w.inter, w.vocab, max_seq, w.eps, w.emb_scale,
             w.attn_scale, ACTIVATIONS[w.activation], _mat(w.embedding, None, None, self._keep),
-            _mat(w.head, None, None, self._keep), _ptr(_f32(w.final_norm, self._keep)), cos.data_ptr(), sin.data_ptr(),
+            _mat(w.head, w.head_thresholds, None, self._keep), _ptr(_f32(w.final_norm, self._keep)), cos.data_ptr(), sin.data_ptr(),
             ctypes.cast(layers, ctypes.POINTER(_Layer)),
         )  # fmt: skip
         self.kv = torch.zeros(slots, w.n_layers, 2, w.n_kv_heads, max_seq, w.head_dim, dtype=torch.float32)
@@ -421,12 +433,13 @@ class DecodeStep:
             raise RuntimeError(f"decode step failed with code {rc}")
         return logits
 
-    def counts(self, reset: bool = False) -> tuple[torch.Tensor, int]:
-        """Channels (cols projections) or rows (the CATS up gather) read, ``[n_layers, 7]`` summed over steps, and the
-        number of steps. Dense projections count 0."""
-        out = torch.zeros(self.weights.n_layers, len(PROJECTIONS), dtype=torch.int64)
+    def counts(self, reset: bool = False) -> tuple[torch.Tensor, int, int]:
+        """Channels (cols projections) or rows (the CATS up gather) read, ``[n_layers, 7]`` summed over steps, the LM
+        head's input channels read (a cols head), and the number of steps. Dense projections count 0."""
+        n = self.weights.n_layers * len(PROJECTIONS)
+        out = torch.zeros(n + 1, dtype=torch.int64)
         steps = self._lib.dormant_decode_counts(self._handle, out.data_ptr(), int(reset))
-        return out, int(steps)
+        return out[:n].view(self.weights.n_layers, len(PROJECTIONS)), int(out[n]), int(steps)
 
     def profile(self, enable: bool = True, reset: bool = True) -> dict[str, float]:
         """Seconds spent per phase (:data:`PHASES`) since profiling was last reset; then turn profiling on or off."""

@@ -15,7 +15,8 @@ IDS = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("site,score", [("linear", "magnitude"), ("linear", "wina"), ("intermediate", "magnitude"),
-                                        ("gate_act", "magnitude")])
+                                        ("gate_act", "magnitude"), ("linear_head", "magnitude"),
+                                        ("linear_head", "wina")])
 def test_engine_with_the_plan_of_calibrated_thresholds_is_the_sparsified_hf_model(site, score):
     model = tiny_model("llama")
     thr = calibrate(model, IDS, CalibrationConfig(site, [0.4], score=score, progress=False))

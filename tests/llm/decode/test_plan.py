@@ -19,6 +19,20 @@ def test_round_trip(tmp_path):
         assert (a.mid, a.act) == (b.mid, b.act) and a.inputs.keys() == b.inputs.keys()
         assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
     assert [back.sparse_projections(n) for n in range(3)] == [{"q", "down"}, {"down"}, set()]
+    assert back.head is None
+
+
+def test_round_trip_with_head_thresholds(tmp_path):
+    head = torch.rand(8)
+    plan = SparsityPlan([LayerPlan()], head=head)
+    assert not plan.is_dense()
+    plan.save(tmp_path / "p.safetensors")
+    assert torch.equal(SparsityPlan.load(tmp_path / "p.safetensors").head, head)
+    assert SparsityPlan([LayerPlan()], head=torch.zeros(8)).is_dense()  # all zero: dense
+    with pytest.raises(ValueError, match="head: thresholds must be finite"):
+        SparsityPlan([LayerPlan()], head=torch.tensor([0.1, float("nan")]))
+    with pytest.raises(ValueError, match="head: 8 thresholds for 4 input channels"):
+        plan.check(1, {"head": 4})
 
 
 def test_dense_and_zero_thresholds():

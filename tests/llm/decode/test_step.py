@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dormant.llm.decode import Engine, ReferenceStep, pack_model, random_weights
+from dormant.llm.decode import Engine, ReferenceStep, SparsityPlan, pack_model, random_weights
 from tests.llm.decode.helpers import FAMILY_CONFIGS, quantile_plan, shared_input_plan, tiny_model, widths_of
 
 FORMATS = ["fp32", "bf16", "q8_0", "q4_0", "q4_1"]
@@ -21,7 +21,13 @@ def plans(config):
         "inputs+mid": quantile_plan(config.num_hidden_layers, w, 0.4, mid=0.02),  # all 7 projections
         "cats": quantile_plan(config.num_hidden_layers, w, 0.4, act=0.05, mid=0.005, projections=["q", "o", "gate", "down"]),
         "fused": shared_input_plan(config.num_hidden_layers, w, 0.4, mid=0.02),
+        "inputs+head": with_head(quantile_plan(config.num_hidden_layers, w, 0.4, mid=0.02), config.hidden_size),
     }
+
+
+def with_head(plan: SparsityPlan, dim: int) -> SparsityPlan:
+    """``plan`` with random thresholds on the LM head's input too (a cols head)."""
+    return SparsityPlan(plan.layers, plan.meta, head=torch.rand(dim, generator=torch.Generator().manual_seed(3)) * 0.8)
 
 
 def run_both(weights, ids, **engine_kw):

@@ -11,7 +11,7 @@
 //               o = softmax(q K^T * scale) V per head (GQA: head h reads kv head h / (H / H_kv))
 //               x += Wo o (+bo);  f = rmsnorm(x) * w_ffn
 //               g = Wg f; u = Wu f; h = act(g) * u; x += Wd h
-//   logits = W_head (rmsnorm(x) * w_final)
+//   logits = W_head (rmsnorm(x) * w_final)   (W_head in cols: only input channels with not |x_i| < t_i)
 // with the sparsity of the step's plan: a projection whose weight is in the cols layout reads only
 // the input channels with not |x_i| < t_i (its threshold vector); the FFN "mid" threshold zeroes
 // |h| < mid before down (down in cols reads only the survivors); the "act" threshold (CATS) zeroes
@@ -60,7 +60,7 @@ struct ModelDesc {
   float eps, emb_scale, attn_scale;
   int32_t act_fn;  // 0 silu, 1 gelu_tanh
   MatDesc emb;     // [vocab, dim], rows layout
-  MatDesc head;    // [vocab, dim], rows layout
+  MatDesc head;    // [vocab, dim], rows layout, or cols with input thresholds (a cols copy when tied)
   const float* final_norm;
   const float* rope_cos;  // [max_seq, head_dim]
   const float* rope_sin;
@@ -109,7 +109,7 @@ struct Engine {
   int64_t w_out = 0, w_res = 0, n_part = 0;
   int32_t split_mode = 2;  // column split: 0 never, 1 always (threads > 1), 2 auto (short per-thread parts)
   std::vector<Scratch> scratch;
-  std::vector<int64_t> counts;  // [n_layers][NPROJ] channels (cols) / rows (gather) read, summed over steps
+  std::vector<int64_t> counts;  // [n_layers][NPROJ] + [1] (the LM head) channels (cols) / rows (gather) read
   int64_t steps = 0;
   bool profile = false;
   int64_t phase_ns[NPHASE] = {0};
@@ -587,13 +587,22 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
 #pragma omp barrier
       mark(T_DOWN);
     }
-    // ---- final norm and LM head (rows layout)
+    // ---- final norm and LM head (rows layout, or cols over the surviving input channels; its columns are
+    // vocab long, so threads always split the output blocks)
     rmsnorm(residual_in(), M.final_norm, D, M.eps, s.xn.data());
     const XQ xq = s.xq.view(D);
-    if (quantized(M.head.fmt)) quantize_x(s.xn.data(), D, xq);
-    int64_t lo, hi;
-    split(M.vocab, 1, t, TT, &lo, &hi);
-    rows_range(mat(M.head), s.xn.data(), xq, lo, hi, logits);
+    if (M.head.layout == COLS) {
+      const int64_t n_act = active_of(M.head, s.xn.data(), s);
+      if (t == 0) counts[M.n_layers * NPROJ] += n_act;
+      int64_t b0, b1;
+      split(nblocks(M.vocab), 1, t, TT, &b0, &b1);
+      cols_range(mat(M.head), s.idx.data(), s.xv.data(), n_act, b0, b1, logits);
+    } else {
+      if (quantized(M.head.fmt)) quantize_x(s.xn.data(), D, xq);
+      int64_t lo, hi;
+      split(M.vocab, 1, t, TT, &lo, &hi);
+      rows_range(mat(M.head), s.xn.data(), xq, lo, hi, logits);
+    }
 #pragma omp barrier
     settle();  // the residual stream is not read again in this step; keep X consistent for tracing
     mark(T_HEAD);
@@ -615,7 +624,8 @@ void* dormant_decode_create(const dstep::ModelDesc* m, float* kv, int64_t n_slot
   using namespace dstep;
   if (m == nullptr || kv == nullptr || m->n_heads % m->n_kv_heads != 0 || m->head_dim % 2 != 0) return nullptr;
   if (!check_mat(m->emb, m->vocab, m->dim) || m->emb.layout != ROWS) return nullptr;
-  if (!check_mat(m->head, m->vocab, m->dim) || m->head.layout != ROWS) return nullptr;
+  if (!check_mat(m->head, m->vocab, m->dim)) return nullptr;
+  if (m->head.layout == COLS && m->vocab % QK != 0) return nullptr;  // cols write whole output blocks
   const int64_t D = m->dim, Hd = m->n_heads * m->head_dim, KVd = m->n_kv_heads * m->head_dim, I = m->inter;
   for (int64_t l = 0; l < m->n_layers; ++l) {
     const LayerDesc& L = m->layers[l];
@@ -654,7 +664,7 @@ void* dormant_decode_create(const dstep::ModelDesc* m, float* kv, int64_t n_slot
   e->x_alt.assign(pad(D), 0.0f);
   e->w_out = std::max(pad(Hd) + 2 * pad(KVd), 2 * pad(I));
   e->w_res = pad(D);
-  e->counts.assign(m->n_layers * NPROJ, 0);
+  e->counts.assign(m->n_layers * NPROJ + 1, 0);
   return e;
 }
 
@@ -711,8 +721,8 @@ void dormant_decode_profile(void* handle, int64_t* out, int32_t enable, int32_t 
   if (reset) std::fill(e.phase_ns, e.phase_ns + NPHASE, 0);
 }
 
-// counts[n_layers * 7]: channels (cols) / rows (CATS up gather) read per projection, summed over
-// steps; returns the number of steps. reset != 0 zeroes them.
+// counts[n_layers * 7 + 1]: channels (cols) / rows (CATS up gather) read per projection, then the LM
+// head's channels, summed over steps; returns the number of steps. reset != 0 zeroes them.
 int64_t dormant_decode_counts(void* handle, int64_t* out, int32_t reset) {
   using namespace dstep;
   Engine& e = *static_cast<Engine*>(handle);

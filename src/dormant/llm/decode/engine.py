@@ -119,8 +119,8 @@ class Engine:
 
     def density(self, reset: bool = False) -> dict[str, float]:
         """Fraction of each sparse projection's input channels read per step (CATS ``up``: rows), averaged over
-        layers and steps since the last reset; projections the plan leaves dense are absent."""
-        counts, steps = self.step_fn.counts(reset)
+        layers and steps since the last reset, and ``head`` for a sparse LM head; dense ones are absent."""
+        counts, head, steps = self.step_fn.counts(reset)
         if steps == 0:
             return {}
         dec = self.weights.decoder
@@ -133,6 +133,8 @@ class Engine:
             if layers:
                 w = dec.inter if (p == "up" and dec.layers[layers[0]].act) else width[p]
                 out[p] = float(counts[layers, j].sum()) / (steps * w * len(layers))
+        if dec.head_thresholds is not None:
+            out["head"] = head / (steps * dec.dim)
         return out
 
     def trace(self, ids: Sequence[int], slot: int = 0) -> dict[str, torch.Tensor]:

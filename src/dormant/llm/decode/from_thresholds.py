@@ -10,9 +10,10 @@ O_IN               ``inputs["o"]``
 GATE_IN, UP_IN     ``inputs["gate" | "up"]``
 MID                ``mid`` (a scalar), or ``inputs["down"]`` when scored per channel
 ACT                ``act`` (a scalar; per-channel CHESS scores have no engine path)
+HEAD_IN            ``head`` (the LM head's input; its thresholds sit under the last layer)
 =================  ==========================================================
 
-Other taps (the ``paper`` site's gate/up/down outputs, the FFN input of the ``inputs`` site, the LM head's input)
+Other taps (the ``paper`` site's gate/up/down outputs, the FFN input of the ``inputs`` site)
 have no engine path and are refused with the list of those that do.
 """
 
@@ -27,7 +28,7 @@ from dormant.llm.thresholds import Thresholds
 __all__ = ["ENGINE_TAPS", "plan_from_thresholds"]
 
 _INPUTS = {Tap.Q_IN: "q", Tap.K_IN: "k", Tap.V_IN: "v", Tap.O_IN: "o", Tap.GATE_IN: "gate", Tap.UP_IN: "up"}
-ENGINE_TAPS = (*_INPUTS, Tap.MID, Tap.ACT)
+ENGINE_TAPS = (*_INPUTS, Tap.MID, Tap.ACT, Tap.HEAD_IN)
 
 
 def plan_from_thresholds(thresholds: Thresholds, layout: FFNLayout) -> SparsityPlan:
@@ -45,6 +46,8 @@ def plan_from_thresholds(thresholds: Thresholds, layout: FFNLayout) -> SparsityP
     for layer in range(layout.n_layers):
         inputs, mid, act = {}, None, None
         for tap in thresholds.taps:
+            if tap is Tap.HEAD_IN:
+                continue
             t = thresholds.channel_thresholds(layer, tap)
             if tap in _INPUTS:
                 if bool((torch.as_tensor(t) > 0).any()):  # all zero: dense, kept in the faster rows layout
@@ -60,7 +63,10 @@ def plan_from_thresholds(thresholds: Thresholds, layout: FFNLayout) -> SparsityP
     meta = {"from": "dormant.Thresholds", "site": thresholds.site, "score": thresholds.score,
             "mean_target": float(thresholds.targets.mean()), "model": thresholds.model.get("id"),
             "calibration": {k: thresholds.calibration.get(k) for k in ("source", "windows", "seqlen", "allocation")}}
-    return SparsityPlan(layers=layers, meta=meta)
+    head = None
+    if Tap.HEAD_IN in thresholds.taps:
+        head = _vector(thresholds.channel_thresholds(layout.n_layers - 1, Tap.HEAD_IN), widths[Tap.HEAD_IN])
+    return SparsityPlan(layers=layers, meta=meta, head=head)
 
 
 def _vector(t: float | torch.Tensor, width: int) -> torch.Tensor:

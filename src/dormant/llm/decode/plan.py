@@ -14,6 +14,10 @@ tensors of the Hugging Face model compute:
 * ``act`` -- a scalar on ``act(gate(x))`` (CATS, Lee et al. 2024, arXiv 2404.08763; the ``gate_act``
   site): only surviving neurons' up rows and down columns are read.
 
+Beside the layers, ``head`` -- a float32 vector ``[dim]`` on the LM head's input (the final norm's output):
+the engine then reads only the head's active input columns (TEAL stops at the blocks; dormant's ``linear_head``
+site goes on).
+
 ``mid`` and ``inputs["down"]`` both threshold the input of down; both apply. ``act`` together with
 ``inputs["up"]`` is rejected (the CATS up gather reads rows, input sparsity reads columns).
 ``None`` everywhere is dense. Plans are produced from calibration elsewhere; this module only holds,
@@ -33,7 +37,7 @@ from dormant.artifacts import ArtifactError, load_artifact, save_artifact
 __all__ = ["PROJECTIONS", "LayerPlan", "SparsityPlan"]
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-KIND, VERSION = "dormant.decode.sparsity_plan", 1
+KIND, VERSION = "dormant.decode.sparsity_plan", 2  # 2: the LM head's input thresholds
 
 
 @dataclass
@@ -76,15 +80,27 @@ class LayerPlan:
 
 @dataclass
 class SparsityPlan:
-    """Per-layer thresholds for :class:`dormant.llm.decode.Engine`. Version 1.
+    """Per-layer thresholds for :class:`dormant.llm.decode.Engine`. Version 2.
 
     Attributes:
         layers: one :class:`LayerPlan` per decoder layer.
         meta: free-form description (how it was made: method, targets, calibration data).
+        head: float32 thresholds ``[dim]`` on the LM head's input (None: dense).
     """
 
     layers: list[LayerPlan]
     meta: dict[str, Any] = field(default_factory=dict)
+    head: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.head is not None:
+            t = self.head
+            if not isinstance(t, torch.Tensor) or t.ndim != 1:
+                raise ValueError("head must be a 1-D tensor of per-channel thresholds")
+            if not bool(torch.all(t >= 0)) or not bool(torch.all(torch.isfinite(t))):
+                raise ValueError("head: thresholds must be finite and >= 0")
+            t = t.detach().to(torch.float32).contiguous()
+            self.head = t if bool((t > 0).any()) else None  # all zero: dense
 
     @classmethod
     def dense(cls, n_layers: int) -> SparsityPlan:
@@ -95,7 +111,7 @@ class SparsityPlan:
         return len(self.layers)
 
     def is_dense(self) -> bool:
-        return all(layer.dense for layer in self.layers)
+        return self.head is None and all(layer.dense for layer in self.layers)
 
     def sparse_projections(self, layer: int) -> set[str]:
         """Projections of ``layer`` the engine must store column-major (their input is sparse)."""
@@ -109,6 +125,8 @@ class SparsityPlan:
         """Raise ``ValueError`` unless the plan fits a model of ``n_layers`` with these projection input sizes."""
         if self.n_layers != n_layers:
             raise ValueError(f"the plan has {self.n_layers} layers, the model {n_layers}")
+        if self.head is not None and self.head.numel() != in_features["head"]:
+            raise ValueError(f"head: {self.head.numel()} thresholds for {in_features['head']} input channels")
         for n, lp in enumerate(self.layers):
             for p, t in lp.inputs.items():
                 if t.numel() != in_features[p]:
@@ -116,19 +134,22 @@ class SparsityPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {f"{n}.{p}": t for n, lp in enumerate(self.layers) for p, t in lp.inputs.items()}
+        if self.head is not None:
+            tensors["head"] = self.head
         scalars = [{"mid": lp.mid, "act": lp.act} for lp in self.layers]
         save_artifact(path, KIND, VERSION, tensors, {"layers": scalars, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparsityPlan:
-        tensors, meta, _ = load_artifact(path, KIND, (VERSION,))
+        tensors, meta, _ = load_artifact(path, KIND, (1, VERSION))
         try:
+            head = tensors.pop("head", None)
             layers = [LayerPlan({}, s["mid"], s["act"]) for s in meta["layers"]]
             for key, t in tensors.items():
                 n, p = key.split(".")
                 layers[int(n)].inputs[p] = t
             for lp in layers:
                 lp.__post_init__()
+            return cls(layers, meta.get("meta", {}), head)
         except (KeyError, ValueError, IndexError) as e:
             raise ArtifactError(f"{path}: malformed sparsity plan ({e})") from e
-        return cls(layers, meta.get("meta", {}))

@@ -10,7 +10,7 @@ format quantises its input to 8-bit blocks and sums integer block dots (llama.cp
     plain / mid:  h = Z(a * Wu f, mid)                       y = Wd h      (Wd in cols: Wd Z(h, t_down))
     CATS (act):   a = Z(a, act);  h = Z(Z(a * Wu f, mid), t_down)  (up rows of a = 0 are never needed)
 
-with ``Z(v, t) = 0 where |v| < t``. In fp32 formats this is the Hugging Face model with those tensors
+and ``logits = W_head Z(rmsnorm(x), t_head)`` (a cols head), with ``Z(v, t) = 0 where |v| < t``. In fp32 formats this is the Hugging Face model with those tensors
 zeroed by hooks; the C step matches it within the tolerances of ``tests/llm/decode``. Slow (it
 recomputes dequantised block integers each call): a specification, not an implementation.
 """
@@ -93,7 +93,7 @@ class ReferenceStep:
                 x = x + gref.gemv_cols(L.down, h, None)
             else:
                 x = x + _project(L.down, h, t.get("down"), None)
-        return _project(w.head, _rmsnorm(x, w.final_norm, w.eps), None, None)
+        return _project(w.head, _rmsnorm(x, w.final_norm, w.eps), w.head_thresholds, None)
 
 
 def _rotate_half(v: torch.Tensor) -> torch.Tensor:

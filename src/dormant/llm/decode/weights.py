@@ -10,7 +10,7 @@ Three sources, one result (:class:`EngineWeights`):
 :data:`FAMILIES` is the dispatch table from ``model_type`` to what differs between the supported
 pre-norm decoders (qkv bias, q/k norms, Gemma's ``1 + w`` norms, ``sqrt(d)`` embedding scale and GeGLU).
 Each projection is stored in the ``rows`` layout, or in ``cols`` when the plan thresholds its input
-(``down`` also for ``mid`` / ``act``). Rotary tables come from the model's own transformers rotary
+(``down`` also for ``mid`` / ``act``); the LM head likewise (a cols copy beside the rows embedding when tied). Rotary tables come from the model's own transformers rotary
 class (so ``llama3`` and other static scalings are exactly HF's).
 
 GGUF types read natively (``rows`` layout, byte for byte): F32, BF16, Q8_0, Q4_0, Q4_1. Any other
@@ -185,16 +185,17 @@ def _out_features(s: dict[str, int]) -> dict[str, int]:
 
 def _in_features(s: dict[str, int]) -> dict[str, int]:
     a = s["n_heads"] * s["head_dim"]
-    return {"q": s["dim"], "k": s["dim"], "v": s["dim"], "o": a, "gate": s["dim"], "up": s["dim"], "down": s["inter"]}
+    return {"q": s["dim"], "k": s["dim"], "v": s["dim"], "o": a, "gate": s["dim"], "up": s["dim"], "down": s["inter"],
+            "head": s["dim"]}
 
 
-def _decoder(config, s, fam, act, embedding, head, final_norm, layers, positions) -> DecoderWeights:
+def _decoder(config, s, fam, act, embedding, head, final_norm, layers, positions, plan) -> DecoderWeights:
     cos, sin = rope_tables(config, positions)
     return DecoderWeights(
         dim=s["dim"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"], head_dim=s["head_dim"], inter=s["inter"],
         vocab=s["vocab"], eps=float(getattr(config, "rms_norm_eps", 1e-6)), attn_scale=s["head_dim"] ** -0.5,
         activation=act, embedding=embedding, head=head, final_norm=final_norm, rope_cos=cos, rope_sin=sin,
-        layers=layers, emb_scale=math.sqrt(s["dim"]) if fam.scale_embedding else 1.0,
+        layers=layers, emb_scale=math.sqrt(s["dim"]) if fam.scale_embedding else 1.0, head_thresholds=plan.head,
     )  # fmt: skip
 
 
@@ -294,9 +295,10 @@ def pack_model(
         head_w = model.get_output_embeddings().weight
         embedding = pack(emb_w, hf, "rows")
         tied = head_w.data_ptr() == emb_w.data_ptr()
-        head = embedding if tied else pack(head_w, hf, "rows")
+        head_layout = "rows" if plan.head is None else "cols"  # a sparse head: a cols copy, even when tied
+        head = embedding if tied and head_layout == "rows" else pack(head_w, hf, head_layout)
         final_norm = _norm(model.model.norm.weight, fam)
-    dec = _decoder(config, s, fam, act, embedding, head, final_norm, layers, positions)
+    dec = _decoder(config, s, fam, act, embedding, head, final_norm, layers, positions, plan)
     info = {"source": "hf", "projections": kf, "head": hf, "tied_head": tied}
     return EngineWeights(dec, config.model_type, fmt, window, plan, info)
 
@@ -424,9 +426,13 @@ def pack_gguf(
         _fuse_biases(t, groups)
         layers.append(_layer(t, plan.layers[n], fam))
     embedding = weight("token_embd.weight", "rows", None, want_head)
-    head = weight("output.weight", "rows", None, want_head) if "output.weight" in tensors else embedding
+    head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if plan.head is not None:  # a sparse head: a cols copy (re-packed), even when tied
+        head = weight(head_name, "cols", None, want_head)
+    else:
+        head = weight(head_name, "rows", None, want_head) if head_name == "output.weight" else embedding
     final_norm = _norm(floats(tensors["output_norm.weight"]).reshape(-1), fam)
-    dec = _decoder(config, s, fam, act, embedding, head, final_norm, layers, positions)
+    dec = _decoder(config, s, fam, act, embedding, head, final_norm, layers, positions, plan)
     info = {
         "source": str(path), "gguf_types": sorted({t.tensor_type.name for t in reader.tensors}),
         "conversions": conversions, "tied_head": "output.weight" not in tensors, "arch": arch,
@@ -523,8 +529,11 @@ def random_weights(
         layers.append(_layer(t, plan.layers[n], fam))
     embedding = _random_packed(s["vocab"], s["dim"], hf, "rows", gen, pool)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    head = embedding if tied else _random_packed(s["vocab"], s["dim"], hf, "rows", gen, pool)
-    dec = _decoder(config, s, fam, act, embedding, head, torch.ones(s["dim"]), layers, positions)
+    if plan.head is not None:
+        head = _random_packed(s["vocab"], s["dim"], hf, "cols", gen, pool)
+    else:
+        head = embedding if tied else _random_packed(s["vocab"], s["dim"], hf, "rows", gen, pool)
+    dec = _decoder(config, s, fam, act, embedding, head, torch.ones(s["dim"]), layers, positions, plan)
     info = {"source": "random", "projections": kf, "head": hf, "tied_head": tied, "n_layers": s["n_layers"],
             "config_layers": config.num_hidden_layers}  # fmt: skip
     return EngineWeights(dec, config.model_type, fmt, window, plan, info)

@@ -113,3 +113,18 @@ def test_output_errors_name_the_target_not_a_temp_file(tmp_path):
     (tmp_path / "dir").mkdir()
     with pytest.raises(OutputError, match="existing directory"):
         save_artifact(tmp_path / "dir", "k", 1, {"w": torch.ones(1)}, {})
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    import os
+
+    from dormant.config import out_dir, out_file
+
+    assert out_file(str(tmp_path / "new" / "deeper" / "a.safetensors")) is None
+    assert not (tmp_path / "new").exists() and not list(tmp_path.iterdir())  # the check leaves nothing behind
+    (tmp_path / "f").write_text("x")
+    assert "is a file" in out_file(str(tmp_path / "f" / "a.safetensors"))
+    assert "existing folder" in out_file(str(tmp_path))
+    assert "existing file" in out_dir(str(tmp_path / "f"))
+    if os.path.isdir("/proc"):  # access() grants root everything; the probe write knows better
+        assert "cannot be created" in out_file("/proc/dormant-test.safetensors")

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 import os
+import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -89,6 +90,13 @@ def _writable_ancestor(p: str) -> str | None:
         return f"cannot be created: {parent} is a file"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created: {parent} is not writable"
+    # access() says yes to root everywhere and knows nothing of read-only or pseudo file systems: try it
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dormant-probe-", dir=parent)
+    except OSError as e:
+        return f"cannot be created in {parent}: {e.strerror}"
+    os.close(fd)
+    os.unlink(probe)
     return None
 
 

@@ -183,7 +183,7 @@ def _generate(ns: argparse.Namespace) -> int:
     print(r["text"])
     density = "" if r["density"] is None else "; density " + ", ".join(f"{k} {v:.2f}" for k, v in r["density"].items())
     print(f"-- {r['new_tokens']} tokens, decode {r['decode_tok_s']:.1f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s "
-          f"({r['weights']}, {r['threads']} threads{density})")
+          f"({r['weights']}, {r['threads']} thread{'s' if r['threads'] != 1 else ''}{density})")
     if cfg.json_out:
         atomic_write_text(Path(cfg.json_out), json.dumps(r, indent=1))
     return 0

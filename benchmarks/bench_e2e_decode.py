@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import statistics
 import time
 import warnings
@@ -91,6 +92,8 @@ class E2EBenchConfig:
     gguf_dir: str = field("runs/gguf", help="where the Q4_0 / Q8_0 requantisations of SmolLM2 are made / found")
     llamacpp: bool = field(True, help="run llama.cpp (pip install dormant[bench])")
     hf: bool = field(True, help="run the Hugging Face eager fp32 baseline")
+    only: str | None = field(None, help="regular expression: time only the variants whose name it matches (a quick "
+                             "A/B; include the dense and llama.cpp variants the ratios divide by)")
     out: str = field("runs/bench/e2e_decode.jsonl", help="JSONL file results are appended to")
 
 
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
             for threads in cfg.threads:
                 torch.set_num_threads(threads)
                 variants = smollm2_variants(cfg, threads, prompt, smol_cache) if fmt is None else random_group
+                if cfg.only:
+                    variants = {k: v for k, v in variants.items() if re.search(cfg.only, k)}
                 res = run_interleaved(variants, prompt, cfg.new_tokens, cfg.reps)
                 rows = summarize(name, threads, variants, res, prompt, cfg, {**prov, "torch_threads": threads})
                 print_table(name if fmt is None else f"{name} {fmt}", threads, rows)

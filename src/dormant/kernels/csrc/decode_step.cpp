@@ -590,7 +590,6 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
     // ---- final norm and LM head (rows layout, or cols over the surviving input channels; its columns are
     // vocab long, so threads always split the output blocks)
     rmsnorm(residual_in(), M.final_norm, D, M.eps, s.xn.data());
-    const XQ xq = s.xq.view(D);
     if (M.head.layout == COLS) {
       const int64_t n_act = active_of(M.head, s.xn.data(), s);
       if (t == 0) counts[M.n_layers * NPROJ] += n_act;
@@ -598,6 +597,7 @@ void run_step(Engine& e, int64_t token, int64_t pos, int64_t slot, float* logits
       split(nblocks(M.vocab), 1, t, TT, &b0, &b1);
       cols_range(mat(M.head), s.idx.data(), s.xv.data(), n_act, b0, b1, logits);
     } else {
+      const XQ xq = s.xq.view(D);
       if (quantized(M.head.fmt)) quantize_x(s.xn.data(), D, xq);
       int64_t lo, hi;
       split(M.vocab, 1, t, TT, &lo, &hi);

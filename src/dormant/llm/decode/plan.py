@@ -40,6 +40,15 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 KIND, VERSION = "dormant.decode.sparsity_plan", 2  # 2: the LM head's input thresholds
 
 
+def _threshold_vector(name: str, t) -> torch.Tensor:
+    """``t`` checked as a 1-D tensor of finite thresholds >= 0, as contiguous float32 (``name`` for errors)."""
+    if not isinstance(t, torch.Tensor) or t.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of per-channel thresholds")
+    if not bool(torch.all(t >= 0)) or not bool(torch.all(torch.isfinite(t))):
+        raise ValueError(f"{name}: thresholds must be finite and >= 0")
+    return t.detach().to(torch.float32).contiguous()
+
+
 @dataclass
 class LayerPlan:
     """Thresholds of one layer.
@@ -55,14 +64,10 @@ class LayerPlan:
     act: float | None = None
 
     def __post_init__(self):
-        for p, t in self.inputs.items():
+        for p in self.inputs:
             if p not in PROJECTIONS:
                 raise ValueError(f"unknown projection {p!r}; projections: {', '.join(PROJECTIONS)}")
-            if not isinstance(t, torch.Tensor) or t.ndim != 1:
-                raise ValueError(f"inputs[{p!r}] must be a 1-D tensor of per-channel thresholds")
-            if not bool(torch.all(t >= 0)) or not bool(torch.all(torch.isfinite(t))):
-                raise ValueError(f"inputs[{p!r}]: thresholds must be finite and >= 0")
-        self.inputs = {p: t.detach().to(torch.float32).contiguous() for p, t in self.inputs.items()}
+        self.inputs = {p: _threshold_vector(f"inputs[{p!r}]", t) for p, t in self.inputs.items()}
         for name in ("mid", "act"):
             v = getattr(self, name)
             if v is not None:
@@ -94,12 +99,7 @@ class SparsityPlan:
 
     def __post_init__(self):
         if self.head is not None:
-            t = self.head
-            if not isinstance(t, torch.Tensor) or t.ndim != 1:
-                raise ValueError("head must be a 1-D tensor of per-channel thresholds")
-            if not bool(torch.all(t >= 0)) or not bool(torch.all(torch.isfinite(t))):
-                raise ValueError("head: thresholds must be finite and >= 0")
-            t = t.detach().to(torch.float32).contiguous()
+            t = _threshold_vector("head", self.head)
             self.head = t if bool((t > 0).any()) else None  # all zero: dense
 
     @classmethod

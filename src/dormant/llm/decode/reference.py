@@ -10,9 +10,10 @@ format quantises its input to 8-bit blocks and sums integer block dots (llama.cp
     plain / mid:  h = Z(a * Wu f, mid)                       y = Wd h      (Wd in cols: Wd Z(h, t_down))
     CATS (act):   a = Z(a, act);  h = Z(Z(a * Wu f, mid), t_down)  (up rows of a = 0 are never needed)
 
-and ``logits = W_head Z(rmsnorm(x), t_head)`` (a cols head), with ``Z(v, t) = 0 where |v| < t``. In fp32 formats this is the Hugging Face model with those tensors
-zeroed by hooks; the C step matches it within the tolerances of ``tests/llm/decode``. Slow (it
-recomputes dequantised block integers each call): a specification, not an implementation.
+and ``logits = W_head Z(rmsnorm(x), t_head)`` (a cols head), with ``Z(v, t) = 0 where |v| < t``. In fp32
+formats this is the Hugging Face model with those tensors zeroed by hooks; the C step matches it within the
+tolerances of ``tests/llm/decode``. Slow (it recomputes dequantised block integers each call): a specification,
+not an implementation.
 """
 
 from __future__ import annotations

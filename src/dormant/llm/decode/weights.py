@@ -10,8 +10,8 @@ Three sources, one result (:class:`EngineWeights`):
 :data:`FAMILIES` is the dispatch table from ``model_type`` to what differs between the supported
 pre-norm decoders (qkv bias, q/k norms, Gemma's ``1 + w`` norms, ``sqrt(d)`` embedding scale and GeGLU).
 Each projection is stored in the ``rows`` layout, or in ``cols`` when the plan thresholds its input
-(``down`` also for ``mid`` / ``act``); the LM head likewise (a cols copy beside the rows embedding when tied). Rotary tables come from the model's own transformers rotary
-class (so ``llama3`` and other static scalings are exactly HF's).
+(``down`` also for ``mid`` / ``act``); the LM head likewise (a cols copy beside the rows embedding when
+tied). Rotary tables come from the model's own transformers rotary class (so ``llama3`` and other static scalings are exactly HF's).
 
 GGUF types read natively (``rows`` layout, byte for byte): F32, BF16, Q8_0, Q4_0, Q4_1. Any other
 type, and any projection the plan needs in ``cols``, is dequantised (``gguf.quants``) and re-packed in

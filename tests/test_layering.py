@@ -22,7 +22,7 @@ ALLOWED = {
     "kernels": set(),
     "llm": {"kernels"},
     "offload": set(),
-    "snn": set(),
+    "snn": {"kernels"},
     "experiments": {"kernels", "llm", "offload", "snn"},
     "cli": {"kernels", "llm", "offload", "snn", "experiments"},
 }

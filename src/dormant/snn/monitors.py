@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from dormant.kernels import spiking
 from dormant.snn.energy import SynapticLayer, synaptic_layers
 
 __all__ = ["StepCounts", "SpikeMonitor", "SynapticMonitor", "monitor_synapses"]
@@ -36,7 +37,7 @@ class StepCounts:
     def add(self, name: str, x: torch.Tensor, n: int) -> None:
         """``x``: ``[tc, ...]`` the next ``tc`` steps of ``name`` for one batch of ``n`` samples."""
         tc = x.shape[0]
-        c = (x.reshape(tc, -1) != 0).sum(1).double().cpu()
+        c = spiking.count_nonzero(x).double().cpu()
         t0 = self._t.get(name, 0)
         if t0 == 0:
             self.samples[name] = self.samples.get(name, 0) + n

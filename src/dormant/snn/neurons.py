@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dormant.kernels import spiking
 from dormant.snn.qcfs import qcfs
 
 __all__ = ["IFNeuron", "SpikeMaxPool2d"]
@@ -108,31 +109,23 @@ class IFNeuron(nn.Module):
     def _init_membrane(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[1:]
         if self.v_init.numel():
-            return (self.v_init * torch.ones(shape, device=x.device)).to(x.dtype)
-        return (self.v0 * self.theta).view(self._bshape(x)).expand(shape).to(x.dtype).clone()
+            return (self.v_init * torch.ones(shape, device=x.device)).to(x.dtype).contiguous()
+        return (self.v0 * self.theta).view(self._bshape(x)).expand(shape).to(x.dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Simulate ``x``: ``[T_c, N, C, *S]`` input currents -> ``[T_c, N, C, *S]`` outputs ``theta * s``."""
+        """Simulate ``x``: ``[T_c, N, C, *S]`` input currents -> ``[T_c, N, C, *S]`` outputs ``theta * s``.
+
+        ``x`` may be a step-broadcast view (the same ``[N, C, *S]`` at every step). The recursion runs in
+        :func:`dormant.kernels.spiking.if_forward` (fused on the CPU, the step-by-step reference elsewhere or
+        inside ``spiking.using("reference")``; identical outputs).
+        """
         if x.shape[2] != self.channels:
             raise ValueError(f"neuron has {self.channels} channels, input has {x.shape[2]}")
         if self._v is None:
             self._v = self._init_membrane(x)
-        v = self._v
-        shape = self._bshape(x)
-        theta = self.theta.view(shape).to(x.dtype)
-        # x[t] + beta[t] for the whole chunk at once (calibrate_ftbc_ does the same addition step by step);
-        # skipped when beta is all zero (plain conversion), which gives the same values
+        # x[t] + beta[t] is skipped when beta is all zero (plain conversion), which gives the same values
         beta = self.beta(self._t, len(x))
-        drive = x + beta.to(x.dtype).view(len(x), 1, *shape) if bool(beta.any()) else x
-        out = torch.empty_like(x)
-        spike = torch.empty(x.shape[1:], dtype=torch.bool, device=x.device)
-        zero = theta.new_zeros(())
-        for i in range(len(x)):
-            v.add_(drive[i])
-            torch.ge(v, theta, out=spike)
-            torch.where(spike, theta, zero, out=out[i])
-            v.sub_(out[i])
-        self._v = v
+        out = spiking.if_forward(x, beta if bool(beta.any()) else None, self.theta, self._v)
         self._t += len(x)
         return out
 
@@ -158,24 +151,17 @@ class IFNeuron(nn.Module):
             grown = torch.zeros(t0 + n, self.channels, device=self.theta.device)
             grown[: self.step_bias.shape[0]] = self.step_bias
             self.step_bias = grown
-        shape = self._bshape(x)
-        theta = self.theta.view(shape).to(x.dtype)
         extra = self.extra()
         dims = [0] + list(range(2, x.dim() - 1))  # batch and space of one step [N, C, *S]
         v = self._v
-        out = torch.empty_like(x)
-        zero = theta.new_zeros(())
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         for i in range(n):
             t = t0 + i
-            beta = (self.step_bias[t] + extra).to(x.dtype).view(shape)  # the current bias (same sum as beta())
-            m = v + (x[i] + beta)
-            err = (torch.where(m >= theta, theta, zero) - target).mean(dim=dims)
+            beta = (self.step_bias[t] + extra).to(x.dtype)  # the current bias (same sum as beta())
+            err = spiking.if_probe(x[i], beta, self.theta, v, target).mean(dim=dims)
             self.step_bias[t] -= alpha * err.to(self.step_bias.dtype)
-            beta = (self.step_bias[t] + extra).to(x.dtype).view(shape)
-            v.add_(x[i] + beta)  # exactly forward()'s arithmetic with the updated bias
-            torch.where(v >= theta, theta, zero, out=out[i])
-            v.sub_(out[i])
-        self._v = v
+            beta = (self.step_bias[t] + extra).to(x.dtype)
+            out[i] = spiking.if_forward(x[i : i + 1], beta.view(1, -1), self.theta, v)[0]  # forward()'s arithmetic
         self._t += n
         return out
 

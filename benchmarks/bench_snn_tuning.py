@@ -1,7 +1,8 @@
 """Choose conversion and FTBC settings on held-out *training* images (never test images).
 
 Splits the model's training data into calibration and held-out parts (as ``dormant snn sweep`` does), then for every
-threshold setting (``--thresholds threshold:percentile:granularity,...``) and every FTBC setting
+threshold setting (``--thresholds threshold:percentile:granularity[:scale],...``; ``ltb:<step>:granularity`` for local
+threshold balancing) and every FTBC setting
 (``--ftbc calib_images:alpha:passes:batch_size,...``; ``0`` calibration images = plain conversion) reports the
 held-out accuracy after each step of ``--T``. The held-out images are split in two: FTBC's pass per step is chosen
 on the first half (as the sweep chooses it on its own held-out split) and the accuracy of that chosen pass is
@@ -40,7 +41,8 @@ def main() -> None:
     ap.add_argument("--holdout", type=int, default=500, help="held-out training images: the first half selects FTBC "
                                                             "passes, the second half scores")
     ap.add_argument("--threshold-images", type=int, default=1000, help="calibration images for the thresholds")
-    ap.add_argument("--thresholds", default="percentile:99:channel")
+    ap.add_argument("--thresholds", default="percentile:99:channel",
+                    help="threshold:percentile:granularity[:scale],... (threshold ltb: ltb:<step c>:granularity)")
     ap.add_argument("--ftbc", default="0:0:0:50", help="calib_images:alpha:passes:batch_size,...")
     ap.add_argument("--v0", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=100)
@@ -59,8 +61,10 @@ def main() -> None:
     steps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= args.T]
     rows = []
     for th in args.thresholds.split(","):
-        kind, pct, gran = th.split(":")
-        conv = ConvertConfig(threshold=kind, percentile=float(pct), granularity=gran, v0=args.v0)
+        kind, value, gran, *scale = th.split(":")  # percentile|max:<percentile>:<granularity>[:<scale>]
+        opts = {"ltb_step": float(value)} if kind == "ltb" else {"percentile": float(value)}  # ltb:<step c>:...
+        conv = ConvertConfig(threshold=kind, granularity=gran, v0=args.v0, scale=float(scale[0]) if scale else 1.0,
+                             **opts)
         snn = convert(model, xc[: args.threshold_images], conv)
         for fs in args.ftbc.split(","):
             n, alpha, passes, bs = fs.split(":")

@@ -86,6 +86,23 @@ def test_thresholds_max_and_channelwise():
     assert all((snn_p.neurons[n].theta <= snn_c.neurons[n].theta).all() for n in snn.neurons)  # per channel, both
 
 
+def test_local_threshold_balancing_steps_against_the_clipping_error():
+    x, _ = synthetic(96, seed=3)
+    model = trained()
+    one = convert(model, x, ConvertConfig(threshold="ltb", ltb_batches=1, ltb_batch_size=32, ltb_step=0.5))
+    # from theta = 0 one update is c * 2 * mean(relu(z)) per channel; the first layer's currents do not depend
+    # on thresholds
+    _, rec = one.ann_forward(x[:32], record=["relu1"])
+    mean_relu = rec["relu1"].transpose(0, 1).reshape(8, -1).mean(1)
+    torch.testing.assert_close(one.neurons["relu1"].theta, 0.5 * 2 * mean_relu)
+    more = convert(model, x, ConvertConfig(threshold="ltb", ltb_batches=3, ltb_batch_size=32, ltb_step=0.5))
+    for name, nrn in more.neurons.items():
+        assert (nrn.theta > 0).all() and nrn.theta.shape == (nrn.channels,)
+        assert (nrn.theta >= one.neurons[name].theta - 1e-6).all()  # each step raises theta towards the max
+    layer = convert(model, x, ConvertConfig(threshold="ltb", granularity="layer", ltb_batches=2, ltb_batch_size=32))
+    assert all(bool((n.theta == n.theta[0]).all()) for n in layer.neurons.values())
+
+
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_snn_approaches_ann_as_T_grows(pool):
     model = trained(pool)

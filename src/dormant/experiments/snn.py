@@ -42,7 +42,11 @@ def _key_config(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, co
         d.pop(k)
     if d["qcfs"] is None:
         d.pop("qcfs")  # keeps the keys of runs made before QCFS existed
-    d.update(convert=asdict(conv))
+    conv_d = asdict(conv)
+    if conv.threshold != "ltb":  # keeps the keys of runs made before threshold balancing existed
+        for k in ("ltb_batches", "ltb_batch_size", "ltb_step"):
+            conv_d.pop(k)
+    d.update(convert=conv_d)
     if ftbc is not None:
         d.update(ftbc=asdict(ftbc))
     if corr is not None:

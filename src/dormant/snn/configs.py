@@ -35,7 +35,8 @@ class ConvertConfig:
     # Defaults: the best plain-conversion setting on held-out *training* images (benchmarks/bench_snn_tuning.py,
     # README "Spiking networks"): 99th percentile per channel is first on ResNet-20 at every T <= 8 and within a
     # point of the best on the MNIST LeNet; the former default (99.99th per layer) gave 8% / 55% at T = 1.
-    threshold: Literal["percentile", "max"] = field("percentile", help="threshold statistic of ReLU activations")
+    threshold: Literal["percentile", "max", "ltb"] = field(
+        "percentile", help="threshold statistic of ReLU activations, or ltb: local threshold balancing (Bu et al. 2025)")
     percentile: float = field(99.0, help="percentile for threshold=percentile (over all activation values)",
                               gt=0.0, le=100.0)
     granularity: Literal["layer", "channel"] = field("channel", help="one threshold per layer or per channel")
@@ -43,9 +44,12 @@ class ConvertConfig:
     v0: float = field(0.5, help="initial membrane potential in units of theta", ge=0.0, le=1.0)
     shift: float = field(0.0, help="per-step membrane shift in units of theta (RTS uses 1/(2T))", ge=-1.0, le=1.0)
     maxpool: Literal["spike_count", "pre_neuron"] = field("spike_count", help="how max pooling is converted")
+    ltb_batches: int = field(12, help="threshold=ltb: balancing updates (training batches)", ge=1)
+    ltb_batch_size: int = field(100, help="threshold=ltb: images per balancing update", ge=1)
+    ltb_step: float = field(1.0, help="threshold=ltb: step size c of the balancing update", gt=0.0)
 
     def __post_init__(self):
-        for name, value, options in (("threshold", self.threshold, ("percentile", "max")),
+        for name, value, options in (("threshold", self.threshold, ("percentile", "max", "ltb")),
                                      ("granularity", self.granularity, ("layer", "channel")),
                                      ("maxpool", self.maxpool, ("spike_count", "pre_neuron"))):
             if value not in options:

@@ -10,7 +10,8 @@ The recipe of threshold-balanced rate conversion (Diehl et al. 2015; Rueckauer e
    trains per step as on rates).
 3. Thresholds from training activations ``a = relu(z)`` of each ReLU: ``theta = scale * Q_q(a)`` per layer or per
    channel, with ``Q_q`` the q-quantile over all values (zeros included; q = 1 is the maximum). Channels that
-   never fire in the data get the layer threshold.
+   never fire in the data get the layer threshold. Or (``threshold="ltb"``) by local threshold balancing
+   (:func:`balanced_thresholds`; Bu, Li, Yu, CVPR 2025).
 4. Each ReLU becomes an :class:`~dormant.snn.neurons.IFNeuron` (reset by subtraction, ``v[0] = v0*theta``, spike
    amplitude theta, so no weight rescaling is needed). Each max pooling after a ReLU becomes spike-count max
    pooling (``maxpool="spike_count"``, see :mod:`dormant.snn.neurons`) or is moved in front of the neuron,
@@ -28,6 +29,7 @@ dim 0, ``F.pad`` with zeros, ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``, ``.mea
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from typing import Any
@@ -40,8 +42,10 @@ from dormant.snn.configs import ConvertConfig
 from dormant.snn.graph import ConversionError, spiking_graph
 from dormant.snn.network import SpikingNetwork
 
-__all__ = ["ConvertConfig", "ConversionError", "build_spiking_network", "activation_thresholds", "set_thresholds_",
-           "convert"]
+__all__ = ["ConvertConfig", "ConversionError", "build_spiking_network", "activation_thresholds", "balanced_thresholds",
+           "set_thresholds_", "convert"]
+
+log = logging.getLogger(__name__)
 
 
 def build_spiking_network(ann: nn.Module, example: torch.Tensor, cfg: ConvertConfig | None = None,
@@ -121,6 +125,55 @@ def activation_thresholds(snn: SpikingNetwork, x: torch.Tensor, cfg: ConvertConf
     return out
 
 
+@torch.no_grad()
+def balanced_thresholds(snn: SpikingNetwork, x: torch.Tensor, cfg: ConvertConfig, progress: bool = False
+                        ) -> dict[str, torch.Tensor]:
+    """Thresholds ``[C]`` by local threshold balancing (LTB; Bu, Li, Yu, CVPR 2025, arXiv 2409.03368).
+
+    Every neuron layer's threshold starts at 0 and, on ``cfg.ltb_batches`` training batches of
+    ``cfg.ltb_batch_size`` images, takes a step against the gradient of its own clipping error
+    ``E[(z - theta)^2 ; z > theta]`` at its input currents ``z``, per channel (``channel`` granularity) or
+    per layer::
+
+        theta <- theta + c * 2 * mean_{N, S}((z - theta) * [z > theta])
+
+    The forward pass is the ANN with every activation clipped at its current threshold, ``clamp(z, 0, theta)``
+    after the update, so each layer balances against the clipped, already balanced layers below it (local: no
+    gradient flows between layers, no labels are used). The cost is that of ``ltb_batches`` ANN forwards.
+    Neurons converted from QCFS keep their trained thresholds; a channel whose threshold stays 0 (silent on
+    the data) takes its layer's largest threshold.
+    """
+    names = {name for name, nrn in snn.neurons.items() if not int(nrn.levels)}
+    theta: dict[str, torch.Tensor] = {}
+    step = cfg.ltb_step
+
+    def hook(name, neuron, z):
+        if name not in names:
+            return neuron.ann(z)
+        dims = [0] + list(range(2, z.dim())) if cfg.granularity == "channel" else list(range(z.dim()))
+        shape = (1, -1) + (1,) * (z.dim() - 2) if cfg.granularity == "channel" else (1,) * z.dim()
+        th = theta.setdefault(name, z.new_zeros(neuron.channels if cfg.granularity == "channel" else 1))
+        over = z - th.view(shape)
+        th += step * 2 * (over * (over > 0)).mean(dim=dims)
+        return torch.minimum(torch.relu(z), th.view(shape))
+
+    bs = cfg.ltb_batch_size
+    n_batches = min(cfg.ltb_batches, -(-len(x) // bs))
+    if n_batches < cfg.ltb_batches:
+        log.warning("threshold balancing: %d images give %d of the %d configured batches of %d", len(x), n_batches,
+                    cfg.ltb_batches, bs)
+    for i in tqdm(range(n_batches), desc="threshold balancing", disable=not progress, leave=False):
+        snn.ann_forward(x[i * bs : (i + 1) * bs].to(snn.device), hook=hook)
+    out = {}
+    for name in names:
+        th = theta[name].expand(snn.neurons[name].channels) if cfg.granularity == "layer" else theta[name]
+        layer = th.max()
+        if layer <= 0:
+            raise ConversionError(f"neuron {name!r} never activates on the threshold data")
+        out[name] = (torch.where(th > 0, th, layer) * cfg.scale).cpu().clone()
+    return out
+
+
 def set_thresholds_(snn: SpikingNetwork, thresholds: dict[str, torch.Tensor]) -> None:
     neurons = snn.neurons
     if set(thresholds) != set(neurons):
@@ -139,7 +192,10 @@ def convert(ann: nn.Module, x: torch.Tensor, cfg: ConvertConfig | None = None, *
     cfg = cfg or ConvertConfig()
     snn = build_spiking_network(ann, x[:1], cfg, meta).to(device)
     thresholds = {name: nrn.theta.cpu() for name, nrn in snn.neurons.items()}  # QCFS: trained theta
-    thresholds.update(activation_thresholds(snn, x, cfg, batch_size, progress))
+    if cfg.threshold == "ltb":
+        thresholds.update(balanced_thresholds(snn, x, cfg, progress))
+    else:
+        thresholds.update(activation_thresholds(snn, x, cfg, batch_size, progress))
     set_thresholds_(snn, thresholds)
     snn.meta["threshold_data"] = {"n": len(x)}
     return snn

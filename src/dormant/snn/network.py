@@ -206,7 +206,8 @@ class SpikingNetwork(nn.Module):
                 if isinstance(mod, (IFNeuron, SpikeMaxPool2d)):
                     a = args[0]
                     if not snn:
-                        val = mod.ann(a, clip)
+                        val = hook(node.name, mod, a) if hook is not None and isinstance(mod, IFNeuron) \
+                            else mod.ann(a, clip)
                     else:
                         if not broadcast:  # merged [tc * n, ...] -> [tc, n, ...]
                             a = a.view(tc, n, *a.shape[1:])
@@ -240,14 +241,15 @@ class SpikingNetwork(nn.Module):
         return out, rec
 
     @torch.no_grad()
-    def ann_forward(self, x: torch.Tensor, clip: bool = False, record: Collection[str] = ()
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def ann_forward(self, x: torch.Tensor, clip: bool = False, record: Collection[str] = (),
+                    hook: NeuronHook | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """ANN mode: ``x`` ``[N, ...]`` -> (logits ``[N, K]``, {recorded node name: output}).
 
         With ``clip`` every neuron is ``clamp(z, 0, theta)`` (the network the SNN approaches as T grows);
-        otherwise ReLU (the original ANN, with batch-norm folded).
+        otherwise ReLU (the original ANN, with batch-norm folded). ``hook(name, neuron, z)`` replaces each
+        neuron's activation (``z`` ``[N, C, *S]``; used by threshold balancing).
         """
-        return self._run(x, snn=False, clip=clip, record=set(record))
+        return self._run(x, snn=False, clip=clip, record=set(record), hook=hook)
 
     @torch.no_grad()
     def simulate(self, x: torch.Tensor, T: int, *, chunk: int | None = None, hook: NeuronHook | None = None,

@@ -36,19 +36,21 @@ def test_train_qcfs_and_report_cli(tmp_path, capsys):
     args = ["snn", "report", "--model", "lenet", "--qcfs", str(qdir / "qcfs.safetensors"), "--T", "1,2",
             "--holdout", "20", "--calib-images", "20", "--test-images", "20", "--batch-size", "20", "--no-progress",
             "--ftbc-passes", "1", "--ftbc-batch-size", "20", "--corr-batches", "1", "--corr-batch-size", "20",
-            "--out", str(out)]
+            "--ltb-methods", "none,ftbc", "--ltb-batches", "2", "--ltb-batch-size", "10", "--out", str(out)]
     assert main(args) == 0
     page = (out / "report.md").read_text()
-    for text in ("Test accuracy (%) vs T", "| T | plain | BC | PC | RTS | FTBC | QCFS | QCFS+FTBC | ANN | QCFS ANN |",
+    for text in ("Test accuracy (%) vs T", "| T | plain | BC | PC | RTS | FTBC | LTB | LTB+FTBC | QCFS | QCFS+FTBC | ANN | QCFS ANN |",
+                 "LTB network: the same ReLU ANN with thresholds by local threshold balancing",
                  "Synaptic operations and energy", "Calibration time", "QCFS fine-tuning", "Firing rate per layer",
                  "mnist:test[:20]"):
         assert text in page, text
     for png in ("accuracy", "energy", "firing_rates", "calibration_time"):
         assert (out / f"{png}.png").stat().st_size > 0
     rows = (out / "comparison.csv").read_text().splitlines()
-    assert rows[0].startswith("method,family,calibration,T,accuracy,sops") and len(rows) == 1 + 7 * 2
+    assert rows[0].startswith("method,family,calibration,T,accuracy,sops") and len(rows) == 1 + 9 * 2
     data = json.loads((out / "comparison.json").read_text())
-    assert {r["method"] for r in data["rows"]} == {"plain", "BC", "PC", "RTS", "FTBC", "QCFS", "QCFS+FTBC"}
+    assert {r["method"] for r in data["rows"]} == {"plain", "BC", "PC", "RTS", "FTBC", "LTB", "LTB+FTBC", "QCFS",
+                                                         "QCFS+FTBC"}
     assert all(r["accuracy"] is not None and r["energy_uj"] > 0 for r in data["rows"])
     assert set(data["firing_rates"]["plain"]) == {"relu1", "relu2", "relu3"}
-    assert len(list(out.glob("*/*/results.jsonl"))) == 7  # one resumable folder per method
+    assert len(list(out.glob("*/*/results.jsonl"))) == 9  # one resumable folder per method

@@ -39,6 +39,9 @@ class ReportCommandConfig:
                                help="calibrations of the ReLU network", choices=CALIBRATION_NAMES, nonempty=True)
     qcfs_methods: list[str] = field(default_factory=lambda: ["none", "ftbc"], choices=CALIBRATION_NAMES,
                                     help="calibrations of the QCFS network (with --qcfs)")
+    ltb_methods: list[str] = field(default_factory=list, choices=CALIBRATION_NAMES,
+                                   help="calibrations of the ReLU network with LTB thresholds (--ltb-* options), "
+                                        "e.g. none,ftbc for LTB and LTB+FTBC; none by default")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -111,7 +114,8 @@ def _report(ns: argparse.Namespace) -> int:
 
     from dormant.experiments.snn_report import run_report
 
-    path = run_report(run, conv, ftbc, corr, energy, T=rc.T, methods=rc.methods, qcfs_methods=rc.qcfs_methods)
+    path = run_report(run, conv, ftbc, corr, energy, T=rc.T, methods=rc.methods, qcfs_methods=rc.qcfs_methods,
+                      ltb_methods=rc.ltb_methods)
     print(f"report: {path}")
     return 0
 

@@ -1,7 +1,8 @@
 """``dormant snn report``: one page comparing the conversion methods of a model.
 
 For one zoo model it runs (resumably, through :func:`dormant.experiments.snn.run_snn_sweep`) the ReLU network with the
-registered calibrations (plain, BC, PC, RTS, FTBC; :mod:`dormant.snn.calibrate`) and, given a trained QCFS
+registered calibrations (plain, BC, PC, RTS, FTBC; :mod:`dormant.snn.calibrate`), optionally the same network with
+thresholds from local threshold balancing ("LTB", "LTB+FTBC"; Bu, Li, Yu, CVPR 2025) and, given a trained QCFS
 checkpoint (:mod:`dormant.snn.qcfs`), the QCFS network with plain conversion and FTBC ("QCFS", "QCFS+FTBC"). It
 writes into ``out``:
 
@@ -10,7 +11,7 @@ writes into ``out``:
 * ``accuracy.png``, ``energy.png``, ``firing_rates.png``, ``calibration_time.png``;
 * ``comparison.csv`` (one row per method and T), ``firing_rates.csv`` and ``comparison.json`` (everything).
 
-Each method's sweep lives in ``out/<relu|qcfs>/<method>`` (its ``results.jsonl`` and artifacts) and resumes on its own, so methods
+Each method's sweep lives in ``out/<relu|ltb|qcfs>/<method>`` (its ``results.jsonl`` and artifacts) and resumes on its own, so methods
 can also be run as separate processes (``dormant snn sweep --methods <m> --out <out>/<family>/<m>`` with the same
 flags) before the page is assembled. FTBC: Wu et al., ECCV 2024,
 arXiv 2403.18388; BC/PC: Li et al., ICML 2021; RTS: Deng & Gu, ICLR 2021; QCFS: Bu et al., ICLR 2022.
@@ -29,17 +30,18 @@ from dormant.snn.configs import ConvertConfig, CorrectionConfig, EnergyConfig, F
 __all__ = ["run_report", "write_comparison", "run_report_demo", "method_label"]
 
 _LABELS = {("relu", "none"): "plain", ("relu", "bc"): "BC", ("relu", "pc"): "PC", ("relu", "rts"): "RTS",
-           ("relu", "ftbc"): "FTBC", ("qcfs", "none"): "QCFS", ("qcfs", "ftbc"): "QCFS+FTBC"}
+           ("relu", "ftbc"): "FTBC", ("qcfs", "none"): "QCFS", ("qcfs", "ftbc"): "QCFS+FTBC", ("ltb", "none"): "LTB"}
+_PREFIX = {"qcfs": "QCFS+", "ltb": "LTB+"}
 
 
 def method_label(family: str, method: str) -> str:
     """Display name of ``method`` applied to the ``family`` (``"relu"`` or ``"qcfs"``) network."""
-    return _LABELS.get((family, method), ("QCFS+" if family == "qcfs" else "") + method.upper())
+    return _LABELS.get((family, method), _PREFIX.get(family, "") + method.upper())
 
 
 def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: CorrectionConfig,
                energy: EnergyConfig, T: list[int], methods: list[str],
-               qcfs_methods: list[str] | None = None) -> Path:
+               qcfs_methods: list[str] | None = None, ltb_methods: list[str] | None = None) -> Path:
     """Run (or resume) every sweep of the comparison and write the page; returns ``out/report.md``.
 
     Args:
@@ -49,20 +51,24 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
         T: time-step counts.
         methods: calibrations of the ReLU network.
         qcfs_methods: calibrations of the QCFS network (default ``none, ftbc``).
+        ltb_methods: calibrations of the ReLU network converted with LTB thresholds (``conv`` with
+            ``threshold="ltb"``; family ``ltb``, e.g. ``none, ftbc`` for "LTB", "LTB+FTBC"); none by default.
     """
     from dormant.experiments.snn import run_snn_sweep
 
     out = Path(run.out)
-    plan = {"relu": (replace(run, qcfs=None), list(methods))}
+    plan = {"relu": (replace(run, qcfs=None), conv, list(methods))}
+    if ltb_methods:
+        plan["ltb"] = (replace(run, qcfs=None), replace(conv, threshold="ltb"), list(ltb_methods))
     if run.qcfs:
-        plan["qcfs"] = (run, list(qcfs_methods or ["none", "ftbc"]))
+        plan["qcfs"] = (run, conv, list(qcfs_methods or ["none", "ftbc"]))
     families: dict[str, list[dict[str, Any]]] = {}
-    for fam, (r, ms) in plan.items():
+    for fam, (r, c, ms) in plan.items():
         families[fam] = []
         for m in ms:  # one resumable sweep folder per method: out/<family>/<method>
-            families[fam] += run_snn_sweep(replace(r, out=str(out / fam / m)), conv, ftbc, T, [m], corr=corr,
+            families[fam] += run_snn_sweep(replace(r, out=str(out / fam / m)), c, ftbc, T, [m], corr=corr,
                                        report=False)
-    used = {fam: ms for fam, (_, ms) in plan.items()}
+    used = {fam: ms for fam, (_, _, ms) in plan.items()}
     qmeta = None
     if run.qcfs:
         from dormant.artifacts import load_artifact
@@ -87,7 +93,7 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
     """Write ``report.md``, the CSV/JSON files and the plots from the sweeps' records.
 
     Args:
-        families: ``{"relu" | "qcfs": records of run_sweep}``.
+        families: ``{"relu" | "ltb" | "qcfs": records of run_sweep}``.
         methods: ``{family: calibration names}``.
         qcfs_meta: the QCFS checkpoint's meta (training data, epochs, history), if any.
         configs: configs to print.
@@ -107,7 +113,7 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
     ann_energy = None
     for fam, recs in families.items():
         ann = next(r for r in recs if r["kind"] == "ann")  # every method folder has the same ANN record
-        anns["ANN" if fam == "relu" else "QCFS ANN"] = ann.get("test")
+        anns["QCFS ANN" if fam == "qcfs" else "ANN"] = ann.get("test")
         costs = _layer_costs(recs)
         for m in methods[fam]:
             label = method_label(fam, m)
@@ -142,6 +148,11 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
              f"- thresholds and calibration: {first['calib']['name']} ({first['calib']['n']} training images); "
              f"selection (FTBC pass per T): {first['holdout']['name']} ({first['holdout']['n']} held-out "
              "training images). No choice uses test images."]
+    if "ltb" in families and configs:
+        cv = configs.get("convert", {})
+        lines.append(f"- LTB network: the same ReLU ANN with thresholds by local threshold balancing (Bu, Li, Yu, "
+                     f"CVPR 2025): {cv.get('ltb_batches')} updates of {cv.get('ltb_batch_size')} calibration images, "
+                     f"step c = {cv.get('ltb_step')}, {cv.get('granularity')}-wise; LTB+FTBC calibrates FTBC on it.")
     if qcfs_meta is not None:
         h = qcfs_meta.get("history", [])
         tr = qcfs_meta.get("data", {}).get("train") or {}

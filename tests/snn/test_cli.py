@@ -37,3 +37,15 @@ def test_convert_and_sweep_cli(tmp_path, capsys):
     recs = [json.loads(line) for line in (out2 / "results.jsonl").read_text().splitlines()]
     assert [r["T"] for r in recs if r["kind"] == "calibration"] == [4, 4]  # one calibration at the largest T
     assert main(["snn", "sweep", "--T", "1,2,4", "--out", str(out2)] + SMALL) == 2
+
+
+def test_sweep_with_the_reference_engine_writes_the_same_results(tmp_path):
+    runs = {}
+    for engine in ("fast", "reference"):
+        out = tmp_path / engine
+        assert main(["snn", "sweep", "--T", "1,3", "--methods", "none,ftbc", "--engine", engine,
+                     "--out", str(out)] + SMALL) == 0
+        recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        runs[engine] = [(r["method"], r["T"], r["accuracy"], r["firing_rate_per_step"])
+                        for r in recs if r["kind"] == "eval"]
+    assert runs["fast"] == runs["reference"] and runs["fast"]

@@ -320,7 +320,9 @@ class RunConfig:
     test_images: int | None = field(None, help="evaluate on the first N test images (all if unset)", ge=1)
     evaluate: Literal["test", "none"] = field("test", help="test: evaluate on the test split; none: held-out only")
     batch_size: int = field(100, help="images per simulation batch", ge=1)
-    chunk: int | None = field(None, help="time steps per stateless call (memory bound only)", ge=1)
+    chunk: int | None = field(None, help="time steps per stateless call (memory and speed only)", ge=1)
+    engine: Literal["fast", "reference"] = field("fast", help="simulation engine: fast, or the step-by-step "
+                                                 "reference (same outputs bit for bit, several times slower)")
     device: str = field("auto", help="auto | cpu | cuda | cuda:N", check=device_problem)
     threads: int | None = field(None, help="torch CPU threads (default: torch's choice)", ge=1)
     out: str = field("runs/snn", help="output folder", check=out_dir)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def _key_config(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig | None, corr: CorrectionConfig | None = None
                 ) -> dict[str, Any]:
     d = asdict(run)
-    for k in ("batch_size", "chunk", "device", "threads", "out", "progress"):
+    for k in ("batch_size", "chunk", "engine", "device", "threads", "out", "progress"):
         d.pop(k)
     if d["qcfs"] is None:
         d.pop("qcfs")  # keeps the keys of runs made before QCFS existed
@@ -149,6 +149,7 @@ def _sweep(run, conv, ftbc, T, methods, save_network, corr, report) -> list[dict
         snn.meta["threshold_data"] = calib.describe()
         snn.save(net_path)
         log.info("converted %s in %.1f s (%d neuron layers)", run.model, time.perf_counter() - start, len(snn.neurons))
+    snn.engine = run.engine
     if find(kind="costs") is None:
         add({"kind": "costs", "layers": {k: asdict(v) for k, v in synaptic_layers(snn).items()}})
     data = CalibrationData(xc, (xh, yh) if len(yh) else None, run.chunk, run.batch_size, run.progress)

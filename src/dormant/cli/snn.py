@@ -39,6 +39,9 @@ class ReportCommandConfig:
                                help="calibrations of the ReLU network", choices=CALIBRATION_NAMES, nonempty=True)
     qcfs_methods: list[str] = field(default_factory=lambda: ["none", "ftbc"], choices=CALIBRATION_NAMES,
                                     help="calibrations of the QCFS network (with --qcfs)")
+    ftbc_percentiles: list[float] = field(default_factory=list, gt=0.0, le=100.0,
+                                          help="more threshold percentiles to run FTBC with; adds 'FTBC (p per T)': "
+                                               "per T the percentile best on held-out training images")
     ltb_methods: list[str] = field(default_factory=list, choices=CALIBRATION_NAMES,
                                    help="calibrations of the ReLU network with LTB thresholds (--ltb-* options), "
                                         "e.g. none,ftbc for LTB and LTB+FTBC; none by default")
@@ -115,7 +118,7 @@ def _report(ns: argparse.Namespace) -> int:
     from dormant.experiments.snn_report import run_report
 
     path = run_report(run, conv, ftbc, corr, energy, T=rc.T, methods=rc.methods, qcfs_methods=rc.qcfs_methods,
-                      ltb_methods=rc.ltb_methods)
+                      ltb_methods=rc.ltb_methods, ftbc_percentiles=rc.ftbc_percentiles)
     print(f"report: {path}")
     return 0
 

@@ -31,17 +31,20 @@ __all__ = ["run_report", "write_comparison", "run_report_demo", "method_label"]
 
 _LABELS = {("relu", "none"): "plain", ("relu", "bc"): "BC", ("relu", "pc"): "PC", ("relu", "rts"): "RTS",
            ("relu", "ftbc"): "FTBC", ("qcfs", "none"): "QCFS", ("qcfs", "ftbc"): "QCFS+FTBC", ("ltb", "none"): "LTB"}
-_PREFIX = {"qcfs": "QCFS+", "ltb": "LTB+"}
+_PREFIX = {"qcfs": "QCFS+", "ltb": "LTB+"}  # families p<q>: FTBC with the q-th percentile thresholds
 
 
 def method_label(family: str, method: str) -> str:
     """Display name of ``method`` applied to the ``family`` (``"relu"`` or ``"qcfs"``) network."""
+    if family.startswith("p"):
+        return f"{method.upper()} ({family})"
     return _LABELS.get((family, method), _PREFIX.get(family, "") + method.upper())
 
 
 def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: CorrectionConfig,
                energy: EnergyConfig, T: list[int], methods: list[str],
-               qcfs_methods: list[str] | None = None, ltb_methods: list[str] | None = None) -> Path:
+               qcfs_methods: list[str] | None = None, ltb_methods: list[str] | None = None,
+               ftbc_percentiles: list[float] | None = None) -> Path:
     """Run (or resume) every sweep of the comparison and write the page; returns ``out/report.md``.
 
     Args:
@@ -53,6 +56,9 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
         qcfs_methods: calibrations of the QCFS network (default ``none, ftbc``).
         ltb_methods: calibrations of the ReLU network converted with LTB thresholds (``conv`` with
             ``threshold="ltb"``; family ``ltb``, e.g. ``none, ftbc`` for "LTB", "LTB+FTBC"); none by default.
+        ftbc_percentiles: more threshold percentiles to run FTBC with (families ``p<q>``, rows "FTBC (p<q>)");
+            the page then adds "FTBC (p per T)": for each T the percentile (``conv``'s or one of these) whose FTBC
+            scores best on the held-out training images, with its test accuracy.
     """
     from dormant.experiments.snn import run_snn_sweep
 
@@ -60,6 +66,9 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
     plan = {"relu": (replace(run, qcfs=None), conv, list(methods))}
     if ltb_methods:
         plan["ltb"] = (replace(run, qcfs=None), replace(conv, threshold="ltb"), list(ltb_methods))
+    for q in ftbc_percentiles or []:
+        if conv.threshold == "percentile" and q != conv.percentile:
+            plan[f"p{q:g}"] = (replace(run, qcfs=None), replace(conv, percentile=q), ["ftbc"])
     if run.qcfs:
         plan["qcfs"] = (run, conv, list(qcfs_methods or ["none", "ftbc"]))
     families: dict[str, list[dict[str, Any]]] = {}
@@ -78,6 +87,42 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
         qmeta["path"] = str(run.qcfs)
     return write_comparison(out, families, used, run.model, sorted(set(T)), energy, qmeta,
                             {"convert": asdict(conv), "ftbc": asdict(ftbc), "correction": asdict(corr)})
+
+
+_PER_T = "FTBC (p per T)"
+
+
+def _holdout_at(records: list[dict[str, Any]], method: str, t: int) -> float | None:
+    """Held-out accuracy after step ``t`` of the calibration variant selected for ``t`` (FTBC records)."""
+    for r in records:
+        if r["kind"] == "calibration" and r["method"] == method and str(t) in r["selected"] \
+                and r.get("holdout_accuracy") is not None:
+            return r["holdout_accuracy"][r["selected"][str(t)]][t - 1]
+    return None
+
+
+def _percentile_per_T(families: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]],
+                      methods: dict[str, list[str]], T: list[int], main_pct: float | None) -> dict[int, str]:
+    """Add the rows of "FTBC (p per T)": per T, the FTBC family (the main percentile ``relu`` or an extra ``p<q>``)
+    with the best held-out accuracy (ties: the main one); returns ``{T: family}`` ({} without extra families)."""
+    fams = [f for f in families if (f == "relu" or f.startswith("p")) and "ftbc" in methods.get(f, [])]
+    if len(fams) < 2:
+        return {}
+    by = {(r["family"], r["calibration"], r["T"]): r for r in rows}
+    chosen = {}
+    for t in T:
+        scores = {f: _holdout_at(families[f], "ftbc", t) for f in fams}
+        scores = {f: v for f, v in scores.items() if v is not None}
+        if not scores:
+            continue
+        best = max(scores.values())
+        chosen[t] = next(f for f in fams if scores.get(f) == best)
+        src = by.get((chosen[t], "ftbc", t))
+        if src is not None:
+            pct = main_pct if chosen[t] == "relu" else float(chosen[t][1:])
+            rows.append({**src, "method": _PER_T, "family": chosen[t], "chosen_percentile": pct,
+                         "holdout_accuracy": 100 * best})
+    return chosen
 
 
 def _layer_costs(records: list[dict[str, Any]]):
@@ -135,6 +180,9 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
             cals = [r for r in recs if r["kind"] == "calibration" and r["method"] == m]
             calib.append({"method": label, "horizons": len(cals), "seconds": sum(r["seconds"] for r in cals),
                           "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in cals)})
+    chosen = _percentile_per_T(families, rows, methods, T, (configs or {}).get("convert", {}).get("percentile"))
+    if chosen:
+        labels.append(_PER_T)
     first = families["relu"][0]["data"]
     by = {(r["method"], r["T"]): r for r in rows}
 
@@ -171,6 +219,11 @@ def write_comparison(out: Path, families: dict[str, list[dict[str, Any]]], metho
                              [[t] + [cell(lb, t, "accuracy") for lb in labels]
                               + [round(100 * v, 2) if v is not None else "" for v in anns.values()] for t in T],
                              digits=2)]
+    if chosen:
+        pct = {t: by[(_PER_T, t)]["chosen_percentile"] for t in T if (_PER_T, t) in by}
+        lines.append(f"\n{_PER_T}: for each T, the threshold percentile whose FTBC scores best on the held-out "
+                     "training images (never test images): " + ", ".join(f"T = {t}: {p:g}" for t, p in pct.items())
+                     + ".\n")
     if ann_energy is not None:
         lines += [f"## Synaptic operations and energy per image (ANN: {ann_energy[1] / 1e6:.2f} M MACs, "
                   f"{ann_energy[0]:.2f} uJ)\n",

@@ -14,8 +14,8 @@ from pathlib import Path
 import dormant
 
 ROOT = Path(dormant.__file__).parent
-GROUND = {"dormant", "dormant.artifacts", "dormant.config", "dormant.data", "dormant.formats", "dormant.report",
-          "dormant.traces"}
+GROUND = {"dormant", "dormant.artifacts", "dormant.config", "dormant.data", "dormant.distributed", "dormant.formats",
+          "dormant.report", "dormant.traces"}
 # What each part may import (besides itself and the ground).
 ALLOWED = {
     "ground": set(),

@@ -5,12 +5,16 @@ of the sparsity sweep (:mod:`dormant.experiments.sparsity`) and of the decode en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dormant import distributed
 from dormant.cli.checks import check_artifact, check_layer_targets, check_seqlens, model_context, model_facts
 from dormant.config import UsageError, add_config_args, checked, config_from_args, field, in_file, out_file
 from dormant.experiments.configs import GenerateConfig, SweepConfig
@@ -51,23 +55,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     for cls in (ModelConfig, CalibDataConfig, EvalConfig, CalibrateOutputConfig):
         add_config_args(p, cls)
     add_config_args(p, CalibrationConfig, skip=("batch_size",))  # windows per pass: --batch-size of EvalConfig
-    p.set_defaults(handler=_calibrate)
+    p.set_defaults(handler=_data_parallel(_calibrate))
 
     p = sub.add_parser("eval", help="WikiText-2 perplexity, dense or with thresholds applied")
     for cls in (ModelConfig, EvalConfig, EvalCommandConfig):
         add_config_args(p, cls)
-    p.set_defaults(handler=_eval)
+    p.set_defaults(handler=_data_parallel(_eval))
 
     p = sub.add_parser("sweep", help="perplexity vs target sparsity per site (resumable)")
     for cls in (ModelConfig, CalibDataConfig, EvalConfig):
         add_config_args(p, cls)
     add_config_args(p, SweepConfig, skip=("model", "calib", "eval"))
-    p.set_defaults(handler=_sweep)
+    p.set_defaults(handler=_data_parallel(_sweep))
 
     p = sub.add_parser("generate", help="greedy decode with the lean C++ engine, dense or with thresholds")
     add_config_args(p, ModelConfig)
     add_config_args(p, GenerateConfig, skip=("model",))
     p.set_defaults(handler=_generate)
+
+
+def _data_parallel(handler):
+    """``handler`` inside ``torchrun``'s process group when launched by it with ``WORLD_SIZE > 1`` (gloo for a CPU
+    model, nccl for a CUDA one; :mod:`dormant.distributed`): the verbs shard their windows and sum across ranks,
+    rank 0 writes every file, and the other ranks print nothing (their stdout is dropped, their logging keeps
+    errors only). One process runs ``handler`` as it is."""
+
+    @functools.wraps(handler)
+    def run(ns: argparse.Namespace) -> int:
+        from dormant import distributed
+
+        if distributed.requested_world() <= 1:
+            return handler(ns)
+        mc = config_from_args(ModelConfig, ns)  # refuses bad model flags before torch is imported
+
+        from dormant.llm.models import main_device
+
+        device = main_device(mc)
+        with distributed.launched("nccl" if device.type == "cuda" else "gloo", device.index), \
+                contextlib.ExitStack() as quiet:
+            if not distributed.is_main():
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+                logging.getLogger().setLevel(logging.ERROR)
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            return handler(ns)
+
+    return run
 
 
 def _calibrate(ns: argparse.Namespace) -> int:
@@ -99,12 +133,14 @@ def _calibrate(ns: argparse.Namespace) -> int:
         stats = calibration_stats(model, cal.ids, site_taps(cc.site, ffn_layout(model)), cc.score,
                                   StatsConfig(batch_size=cc.batch_size, progress=cc.progress), model_id=info["id"],
                                   data=desc)
-        stats.save(oc.stats_out)
+        if distributed.is_main():
+            stats.save(oc.stats_out)
     sens_windows = None
     if cc.allocation == "sensitivity":
         sens_windows = make_windows(tok, load_text(dc.calib_data), oc.sens_seqlen, oc.sens_windows, bos=ec.bos).ids
     thr = calibrate(model, cal.ids, cc, stats=stats, sensitivity_windows=sens_windows, model_id=info["id"], data=desc)
-    thr.save(oc.out)
+    if distributed.is_main():  # under torchrun every rank holds the same thresholds
+        thr.save(oc.out)
     seconds = thr.calibration["seconds"] + (stats.seconds if stats is not None else 0.0)
     print(json.dumps({"thresholds": oc.out, "seconds": round(seconds, 2), "refine_passes": cc.refine, **thr.summary()},
                      indent=1))
@@ -132,7 +168,7 @@ def _eval(ns: argparse.Namespace) -> int:
     model, tok, info = load_model(mc)
     ev = load_eval_windows(tok, ec)
     with sparsified(model, thr, info["id"]), measure_sparsity(model, thr.taps if thr else ()) as meter:
-        r = perplexity(model, ev.ids, ec.batch_size)
+        r = perplexity(model, ev.ids, ec.batch_size)  # under torchrun: each rank's share, summed
     from dormant.llm.accounting import skipped_linear_bytes
     from dormant.llm.adapters import ffn_layout
 
@@ -143,7 +179,7 @@ def _eval(ns: argparse.Namespace) -> int:
     if thr is not None and thr.calibration.get("calib_on_eval"):
         out["note"] = "thresholds were calibrated on evaluation text (paper protocol)"
     print(json.dumps(out, indent=1))
-    if xc.json_out:
+    if xc.json_out and distributed.is_main():
         atomic_write_text(Path(xc.json_out), json.dumps(out, indent=1))
     return 0
 
@@ -166,6 +202,8 @@ def _sweep(ns: argparse.Namespace) -> int:
 
 def _generate(ns: argparse.Namespace) -> int:
     cfg = config_from_args(GenerateConfig, ns, model=config_from_args(ModelConfig, ns))
+    if cfg.model.device_map is not None:
+        raise UsageError("--device-map: generate packs the weights into its own CPU engine; leave the model whole")
     check_artifact(cfg.thresholds, "thresholds", "thresholds")
     facts = model_facts(cfg.model)
     if facts.context is not None and (cfg.max_seq or cfg.max_new_tokens) > facts.context:

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dormant import distributed
 from dormant.artifacts import ArtifactError, append_jsonl, atomic_write_text, config_key
 
 __all__ = ["config_key", "Ledger"]
@@ -38,14 +39,27 @@ class Ledger:
         key: the run's configuration key; every record carries it.
         config: the configuration the key was computed from (written beside the results for people to read).
         what: how the refusal names the run ("sweep", "SNN sweep", ...).
+        shared: opened by every rank of a ``torchrun`` group (:mod:`dormant.distributed`): the main rank opens (and
+            repairs) and writes the file, the others wait for it, read it, and keep what they append in memory only.
     """
 
     def __init__(self, path: str | os.PathLike, key: str, config: Mapping[str, Any] | None = None,
-                 what: str = "run"):
+                 what: str = "run", shared: bool = False):
         self.path = Path(path)
         self.key = key
         self.what = what
+        self.write = not shared or distributed.is_main()
+        if not self.write:
+            distributed.barrier()  # the main rank opens the ledger first (below)
+            self._open(config)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open(config)
+        if shared:
+            distributed.barrier()
+
+    def _open(self, config: Mapping[str, Any] | None) -> None:
+        key, what = self.key, self.what
         self.config_path = self.path.with_name(self.path.stem + ".config.json")
         self._check_config(config)
         self.torn: str | None = None  # the fragment set aside on opening, if any
@@ -55,7 +69,7 @@ class Ledger:
             raise ArtifactError(
                 f"{self.path} holds results of another configuration ({what} key {other.get('key')}, this run "
                 f"{key}); use another --out, or delete the folder to start over")
-        if not self.config_path.exists():
+        if self.write and not self.config_path.exists():
             atomic_write_text(self.config_path, json.dumps({"key": key, "config": dict(config or {})}, indent=1,
                                                            sort_keys=True, default=str) + "\n")
 
@@ -90,12 +104,15 @@ class Ledger:
         if tail.strip():
             try:
                 records.append(json.loads(tail))  # complete record, only its newline was cut
+                if not self.write:
+                    return records
                 with open(self.path, "ab") as f:
                     f.write(b"\n")
                     f.flush()
                     os.fsync(f.fileno())
             except (json.JSONDecodeError, UnicodeDecodeError):
-                self._set_aside(tail, len(raw) - len(tail))
+                if self.write:
+                    self._set_aside(tail, len(raw) - len(tail))
         return records
 
     def _set_aside(self, fragment: bytes, keep: int) -> None:
@@ -115,7 +132,8 @@ class Ledger:
         """Write one finished unit (the key is added) and keep it in :attr:`records` exactly as a rerun will read it
         back (through JSON, keys sorted), so a report never depends on whether its records were resumed."""
         rec = json.loads(json.dumps({"key": self.key, **record}, sort_keys=True))
-        append_jsonl(self.path, rec)
+        if self.write:
+            append_jsonl(self.path, rec)
         self.records.append(rec)
         return rec
 

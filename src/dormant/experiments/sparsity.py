@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dormant import distributed
 from dormant.artifacts import ArtifactError, atomic_write_text
 from dormant.experiments.configs import SweepConfig
 from dormant.experiments.ledger import Ledger
@@ -46,7 +47,7 @@ def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     if bad:
         raise ValueError(f"unknown allocation {sorted(bad)}; choose from {', '.join(ALLOCATIONS)}")
     out = Path(cfg.out)
-    ledger = Ledger(out / "results.jsonl", cfg.key(), cfg.key_config(), what="sweep")
+    ledger = Ledger(out / "results.jsonl", cfg.key(), cfg.key_config(), what="sweep", shared=True)  # torchrun
     done = {(r["site"], r.get("allocation", "uniform"), r["target"]) for r in ledger.records if "method" not in r}
     todo = [(s, a, t) for s in cfg.sites for a in cfg.allocation for t in cfg.sparsity
             if t > 0 and (s, a, t) not in done]
@@ -57,7 +58,8 @@ def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     need_dense = (0.0 in cfg.sparsity or methods) and ("dense", "uniform", 0.0) not in done
     if not todo and not need_dense and not method_todo:
         log.info("all %d points already measured in %s", len(ledger.records), ledger.path)
-        write_sweep_report(out, ledger.records, cfg)
+        if distributed.is_main():
+            write_sweep_report(out, ledger.records, cfg)
         return ledger.records
 
     model, tokenizer, info = load_model(cfg.model)
@@ -104,7 +106,8 @@ def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
             ccfg = CalibrationConfig(site, [target], allocation=allocation, refine=cfg.refine,
                                      batch_size=cfg.eval.batch_size, progress=cfg.progress)
             thr = calibrate(model, cal.ids, ccfg, stats=stats, sensitivity=sens, model_id=info["id"], data=desc)
-            thr.save(out / f"thresholds_{site}_{allocation}_{target:g}.safetensors")
+            if distributed.is_main():  # under torchrun every rank holds the same thresholds; one writes them
+                thr.save(out / f"thresholds_{site}_{allocation}_{target:g}.safetensors")
             extra = {"layer_targets": thr.calibration["layer_targets"]} if allocation == "sensitivity" else None
             with sparsified(model, thr, info["id"]):
                 evaluate(site, target, taps, allocation, extra)
@@ -130,14 +133,16 @@ def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         for target in points:
             thr = calibrate(model, cal.ids, replace(ccfg, sparsity=[target]), stats=stats, tap_targets=searched,
                             model_id=info["id"], data=desc)
-            thr.save(out / f"thresholds_{name.replace(':', '-')}_{target:g}.safetensors")
+            if distributed.is_main():
+                thr.save(out / f"thresholds_{name.replace(':', '-')}_{target:g}.safetensors")
             extra = {"method": name, "score": score, "search": _search_key(cfg, allocation),
                      "calibration_seconds": stats.seconds + thr.calibration["seconds"]
                      + (searched.meta["search_seconds"] if searched else 0.0),
                      "tap_targets": thr.calibration.get("tap_targets")}
             with sparsified(model, thr, info["id"]):
                 evaluate(site, target, taps, allocation, extra)
-    write_sweep_report(out, ledger.records, cfg)
+    if distributed.is_main():
+        write_sweep_report(out, ledger.records, cfg)
     return ledger.records
 
 
@@ -164,8 +169,9 @@ def _cached_search(path: Path, model, stats, cal, ccfg: CalibrationConfig, targe
     except (ValueError, KeyError) as e:
         log.warning("ignoring unreadable search cache %s (%s); searching again", path, e)
     found = search_tap_targets(model, stats, cal.ids, ccfg, targets)
-    atomic_write_text(path, json.dumps({"targets": {str(t): v.tolist() for t, v in found.targets.items()},
-                                        "meta": found.meta}))
+    if distributed.is_main():
+        atomic_write_text(path, json.dumps({"targets": {str(t): v.tolist() for t, v in found.targets.items()},
+                                            "meta": found.meta}))
     return found
 
 
@@ -179,7 +185,8 @@ def _cached_stats(path: Path, model, cal, taps, cfg: SweepConfig, info, desc, sc
         stats = calibration_stats(model, cal.ids, taps, score,
                                   StatsConfig(batch_size=cfg.eval.batch_size, progress=cfg.progress),
                                   model_id=info["id"], data=desc)
-        stats.save(path)
+        if distributed.is_main():
+            stats.save(path)
         return stats
 
 
@@ -198,7 +205,8 @@ def _sensitivity(model, tokenizer, stats, cfg: SweepConfig, site: str, path: Pat
         w = make_windows(tokenizer, load_text(cfg.calib.calib_data), cfg.sens_seqlen, cfg.sens_windows,
                          bos=cfg.eval.bos).ids
     sens = measure_sensitivity(model, stats, w, site, progress=cfg.progress)
-    atomic_write_text(path, json.dumps(sens.to_dict()))
+    if distributed.is_main():
+        atomic_write_text(path, json.dumps(sens.to_dict()))
     return sens
 
 

@@ -9,7 +9,8 @@ for ``s`` on a grid, and then, assuming the increases add up across layers, choo
 ``s_l`` with ``mean_l s_l = S`` minimising ``sum_l delta[l, s_l]`` by greedy marginal allocation: start
 every layer at 0 and repeatedly move the layer whose next grid step costs the least extra loss per
 unit of sparsity. The cost is ``n_layers * len(grid)`` forward passes over a small calibration set.
-The evaluation text is never touched.
+The evaluation text is never touched. Under ``torchrun`` every perplexity is summed across ranks
+(:func:`~dormant.llm.evaluate.perplexity`), so every rank measures the same profile.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dormant import distributed
 from dormant.llm.evaluate import perplexity
 from dormant.llm.sparsify import sparsified
 from dormant.llm.stats import ActivationStats
@@ -66,7 +68,8 @@ def measure_sensitivity(
     base = perplexity(model, windows, progress=False).nll
     n = stats.n_layers
     delta = torch.zeros(n, len(grid), dtype=torch.float64)
-    bar = tqdm(total=n * (len(grid) - 1), desc=f"sensitivity {site}", disable=not progress)
+    bar = tqdm(total=n * (len(grid) - 1), desc=f"sensitivity {site}",
+               disable=not progress or not distributed.is_main())
     for layer in range(n):
         for g, s in enumerate(grid[1:], start=1):
             with sparsified(model, stats.thresholds({layer: s}, site)):

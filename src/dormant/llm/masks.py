@@ -15,6 +15,7 @@ from torch import nn
 
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
+from dormant.llm.models import input_device
 from dormant.traces import ActivationTrace, pack_masks
 
 __all__ = ["collect_trace", "resident_params"]
@@ -52,7 +53,7 @@ def collect_trace(
     def record(layer: int, tap: Tap, x: torch.Tensor) -> None:
         chunks[layer].append(pack_masks(x.reshape(-1, x.shape[-1]) != 0))
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     limit = max_tokens or windows.numel()
     n_windows = min(len(windows), -(-limit // windows.shape[1]))
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from torch import nn
 
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
+from dormant.llm.models import input_device, onloaded
 
 __all__ = ["score_scales", "column_norms", "mean_abs"]
 
@@ -29,13 +30,16 @@ def column_norms(layout: FFNLayout, tap: Tap) -> torch.Tensor:
     lin = next((lin for lin in layout.linears() if lin.tap is tap), None)
     if lin is None:
         raise ValueError(f"{tap.value} is not the input of a linear layer of {layout.model_type}")
-    layers = range(layout.n_layers)
-    with torch.no_grad():
+    norms = []
+    with torch.no_grad():  # onloaded: weights a device map offloaded are read one block at a time
         if lin.name == "head":
-            norm = layout.linear_weight(0, "head").detach().float().norm(dim=0)
+            with onloaded(layout.model.get_output_embeddings()):
+                norm = layout.linear_weight(0, "head").detach().float().norm(dim=0).cpu()
             return norm.expand(layout.n_layers, -1).clone()
-        return torch.stack([layout.linear_weight(layer, lin.name).detach().float().norm(dim=0).cpu()
-                            for layer in layers])
+        for layer in range(layout.n_layers):
+            with onloaded(layout.layers[layer]):
+                norms.append(layout.linear_weight(layer, lin.name).detach().float().norm(dim=0).cpu())
+        return torch.stack(norms)
 
 
 @torch.inference_mode()
@@ -50,7 +54,7 @@ def mean_abs(model: nn.Module, windows: torch.Tensor, tap: Tap, batch_size: int 
         sums[layer] = flat.sum(0) if sums[layer] is None else sums[layer] + flat.sum(0)
         count[layer] += flat.shape[0]
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with tap_hooks(layout, [tap], observe):
         for i in range(0, len(windows), batch_size):
             model(windows[i : i + batch_size].to(device), use_cache=False)

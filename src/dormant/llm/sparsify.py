@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dormant import distributed
 from dormant.llm.adapters import FFNLayout, Tap, ffn_layout
 from dormant.llm.hooks import register_tap_hooks, tap_hooks
+from dormant.llm.models import input_device
 from dormant.llm.thresholds import Thresholds
 
 __all__ = [
@@ -63,7 +65,7 @@ def sparsify_(model: nn.Module, thresholds: Thresholds, model_id: str | None = N
         unsparsify_(model)
     table = {(layer, tap): thresholds.channel_thresholds(layer, tap)
              for layer in range(layout.n_layers) for tap in thresholds.taps}
-    device = next(model.parameters()).device
+    device = input_device(model)
     table = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in table.items()}
     active = {k for k, v in table.items() if (bool((v > 0).any()) if isinstance(v, torch.Tensor) else v > 0)}
 
@@ -186,3 +188,5 @@ def measure_sparsity(model: nn.Module, taps: Sequence[Tap] = ()) -> Iterator[Spa
     with tap_hooks(layout, meter.taps, meter.observe):
         yield meter
     meter._flush()
+    for t in (meter.zeros, meter.total):  # under torchrun: every rank's windows (ratios are unchanged otherwise)
+        distributed.all_reduce_sum_(t)

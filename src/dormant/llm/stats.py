@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dormant import distributed
 from dormant.artifacts import load_artifact, save_artifact
 from dormant.config import UserError
 from dormant.llm.adapters import Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
+from dormant.llm.models import input_device
 from dormant.llm.sparsify import sparsified, sparsify_state
 from dormant.llm.thresholds import Thresholds, normalize_targets
 
@@ -111,6 +113,13 @@ class MagnitudeHistogram:
             self._nonfinite += n.cpu()
             self._zeros += z.cpu()
         self._dev.clear()
+        return self
+
+    def all_reduce_(self) -> MagnitudeHistogram:
+        """Sum the counts of every rank into every rank's (exact: int64), in place; the identity in one process."""
+        self.sync()
+        for t in (self._counts, self._nonfinite, self._zeros):
+            distributed.all_reduce_sum_(t)
         return self
 
     def bin_edges(self) -> torch.Tensor:
@@ -309,6 +318,10 @@ def collect_stats(
     No activation is stored: each hooked tensor is binned and dropped. Thresholds for any target are
     read from the result afterwards (:meth:`ActivationStats.thresholds`).
 
+    Under ``torchrun`` each rank streams its contiguous share of ``windows`` and the histograms (and NaN/Inf and zero
+    counts) are summed across ranks, so every rank returns the statistics one process would compute over all of
+    ``windows``; ``data`` then records ``world_size`` and each rank's ``rank_windows`` (``[start, stop)``).
+
     ``under``: thresholds enforced during the pass (on a model that is otherwise dense). Each tap is
     observed *before* its own threshold applies but after every upstream tap's, so thresholds read from
     the result fit the activations the sparsified model really produces (:func:`dormant.llm.calibration.refine`).
@@ -333,17 +346,19 @@ def collect_stats(
 
     if under is not None and sparsify_state(model) is not None:
         raise ValueError("collect_stats(under=...) needs a dense model; call unsparsify_(model) first")
-    device = next(model.parameters()).device
+    device = input_device(model)
     t0 = time.perf_counter()
     # The observers are registered before the thresholds of ``under``, so they see each tap before its threshold.
+    mine = distributed.shard(windows)
     with torch.inference_mode(), tap_hooks(layout, taps, observe), sparsified(model, under, model_id):
-        for i in tqdm(range(0, len(windows), config.batch_size), desc="calibrate", disable=not config.progress,
-                      unit="batch"):
-            model(windows[i : i + config.batch_size].to(device), use_cache=False)
-    hist.sync()
+        for i in tqdm(range(0, len(mine), config.batch_size), desc="calibrate", unit="batch",
+                      disable=not config.progress or not distributed.is_main()):
+            model(mine[i : i + config.batch_size].to(device), use_cache=False)
+    hist.all_reduce_()
     meta = {"id": model_id or getattr(model.config, "_name_or_path", None), **layout.describe()}
     data = dict(data or {})
-    data.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), tokens=int(windows.numel()))
+    data.update(windows=int(windows.shape[0]), seqlen=int(windows.shape[1]), tokens=int(windows.numel()),
+                **distributed.describe_shards(int(windows.shape[0])))
     if under is not None:
         data["under_thresholds"] = {"site": under.site, "mean_target": float(under.targets.mean())}
     return ActivationStats(hist, taps, meta, data, time.perf_counter() - t0, scales, score)

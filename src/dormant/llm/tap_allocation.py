@@ -37,8 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dormant import distributed
 from dormant.llm.adapters import FFNLayout, Linear, Tap, ffn_layout
 from dormant.llm.hooks import tap_hooks
+from dormant.llm.models import input_device
 from dormant.llm.stats import ActivationStats
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def _layer_calls(model: nn.Module, layout: FFNLayout, windows: torch.Tensor) -> 
 
         handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
     try:
-        device = next(model.parameters()).device
+        device = input_device(model)
         for i in range(len(windows)):
             model(windows[i : i + 1].to(device), use_cache=False)
     finally:
@@ -153,8 +155,9 @@ def greedy_block_targets(model: nn.Module, stats: ActivationStats, windows: torc
     step = base_step / weight
     goal = max(targets)
     out = {t: torch.zeros(layout.n_layers, len(taps), dtype=torch.float64) for t in targets}
-    calls = _layer_calls(model, layout, windows)
-    bar = tqdm(range(layout.n_layers), desc="greedy (TEAL)", unit="layer", disable=not progress)
+    calls = _layer_calls(model, layout, distributed.shard(windows))  # under torchrun: this rank's windows
+    bar = tqdm(range(layout.n_layers), desc="greedy (TEAL)", unit="layer",
+               disable=not progress or not distributed.is_main())
     for layer in bar:
         path = _greedy_layer(layout, stats, table, calls[layer], taps, layer, weight, step, sorted(targets),
                              last_fraction)
@@ -184,7 +187,8 @@ def _greedy_layer(layout, stats, table, calls, taps, layer, weight, step, target
                 y = _output(block(*a, **k))
                 start = int(y.shape[1] * (1 - last_fraction))
                 errs.append((y[:, start:] - y0[:, start:]).float().norm(dim=-1).mean())
-            return float(torch.stack(errs).mean())
+            # every rank's window errors in window order: the mean one process takes, on every rank
+            return float(distributed.gather_cat(torch.stack(errs) if errs else torch.zeros(0)).mean())
 
         s = torch.zeros(len(taps), dtype=torch.float64)
         pending = list(targets)
@@ -230,7 +234,8 @@ def loss_targets(model: nn.Module, stats: ActivationStats, windows: torch.Tensor
     taps = tuple(taps)
     n_layers = layout.n_layers
     size = tap_bytes(layout, taps)
-    device = next(model.parameters()).device
+    device = input_device(model)
+    windows = distributed.shard(windows)  # under torchrun: this rank's windows; the KL sums are gathered below
     dense = [model(w[None].to(device), use_cache=False).logits.float().log_softmax(-1).to(torch.bfloat16)
              for w in windows]
     share = size.sum(0) / size.sum()  # each tap's share of the site's weights
@@ -242,18 +247,21 @@ def loss_targets(model: nn.Module, stats: ActivationStats, windows: torch.Tensor
         return torch.where(owners, s.expand(n_layers, -1), torch.zeros((), dtype=torch.float64))
 
     def nll(s: torch.Tensor) -> float:  # mean KL(dense || sparse) per token: smoother than NLL differences
-        total, count = 0.0, 0
+        parts, count = [], torch.zeros((), dtype=torch.int64)
         with sparsified(model, stats.thresholds(matrix(s), "probe")):
             for w, p_log in zip(windows, dense):
                 q_log = model(w[None].to(device), use_cache=False).logits.float().log_softmax(-1)
                 p_log = p_log.float()
-                total += float((p_log.exp() * (p_log - q_log)).sum(-1).sum())
+                parts.append(float((p_log.exp() * (p_log - q_log)).sum(-1).sum()))
                 count += p_log.shape[1]
-        return total / count
+        total = 0.0
+        for v in distributed.gather_cat(torch.tensor(parts, dtype=torch.float64)).tolist():  # in window order
+            total += v
+        return total / int(distributed.all_reduce_sum_(count))
 
     out, logs = {}, {}
     bar = tqdm(total=len(targets) * rounds * (len(taps) + 1), desc="loss allocation", unit="pass",
-               disable=not progress)
+               disable=not progress or not distributed.is_main())
     for target in sorted(targets):
         s = torch.full((len(taps),), float(target), dtype=torch.float64)
         log_rounds = []

@@ -49,3 +49,29 @@ def test_sweep_with_the_reference_engine_writes_the_same_results(tmp_path):
         runs[engine] = [(r["method"], r["T"], r["accuracy"], r["firing_rate_per_step"])
                         for r in recs if r["kind"] == "eval"]
     assert runs["fast"] == runs["reference"] and runs["fast"]
+
+
+def test_torchrun_sweep_writes_what_one_process_writes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    flags = ["snn", "sweep", "--T", "1,3", "--methods", "none,ftbc,rts"] + SMALL
+    assert main(flags + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "dormant", *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("report:") == 1  # rank 1 prints nothing
+
+    def evals(folder):
+        recs = [json.loads(line) for line in (tmp_path / folder / "results.jsonl").read_text().splitlines()]
+        return [(r["method"], r["T"], r["accuracy"], r["firing_rate_per_step"]) for r in recs if r["kind"] == "eval"]
+
+    assert evals("one") == evals("two") and evals("one")
+    assert (tmp_path / "one" / "report.md").read_text().count("|") == (tmp_path / "two" / "report.md").read_text().count("|")
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dormant", "snn", "sweep", "--methods", "bc"] + SMALL + ["--out", str(tmp_path / "bc")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "bias/potential correction runs in one process" in bad.stderr

@@ -140,3 +140,15 @@ def test_fast_engine_on_resnet20_equals_the_reference():
     cfg = FTBCConfig(passes=1, batch_size=4, select="last")
     ref, fast = _both(snn, lambda: calibrate_ftbc(snn, xb[:4], 4, cfg).snapshots[-1])
     assert _equal(ref, fast)
+
+
+def test_auto_falls_back_to_the_reference_without_a_compiler(monkeypatch):
+    def no_compiler():
+        raise spiking.KernelBuildError("no C++ compiler")
+
+    monkeypatch.setattr(spiking, "_UNAVAILABLE", None)
+    monkeypatch.setattr(spiking, "library", no_compiler)
+    x, theta = torch.randn(3, 2, 4, 9), torch.rand(4) + 0.2
+    v1, v2 = torch.zeros(2, 4, 9), torch.zeros(2, 4, 9)
+    assert spiking.resolve("auto", x) == "reference"
+    assert torch.equal(spiking.if_forward(x, None, theta, v1), reference.if_forward(x, None, theta, v2))

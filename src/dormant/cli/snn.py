@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from dormant.cli.checks import check_artifact
-from dormant.config import add_config_args, checked, config_from_args, field
+from dormant.config import UsageError, add_config_args, checked, config_from_args, field
 from dormant.experiments.configs import QCFSTrainConfig, RunConfig
 from dormant.snn.configs import CALIBRATION_NAMES, ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig
 
@@ -60,20 +64,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("convert", help="convert a model, calibrate, evaluate after every step, save the network")
     add_config_args(p, ConvertCommandConfig)
     _add_common(p)
-    p.set_defaults(handler=_convert)
+    p.set_defaults(handler=_data_parallel(_convert))
     p = ssub.add_parser("sweep", help="accuracy vs T for several calibration methods (resumable)")
     add_config_args(p, SweepCommandConfig)
     _add_common(p)
-    p.set_defaults(handler=_sweep)
+    p.set_defaults(handler=_data_parallel(_sweep))
     p = ssub.add_parser("report", help="one page comparing plain, BC, PC, RTS, FTBC (and QCFS, QCFS+FTBC with --qcfs): "
                                        "accuracy vs T, calibration time, SOPs/energy, firing rates")
     add_config_args(p, ReportCommandConfig)
     _add_common(p)
     add_config_args(p, EnergyConfig, prefix="energy-")
-    p.set_defaults(handler=_report)
+    p.set_defaults(handler=_data_parallel(_report))
     p = ssub.add_parser("train-qcfs", help="fine-tune a zoo ReLU CNN into a QCFS CNN (resumable, checkpoint per epoch)")
     add_config_args(p, QCFSTrainConfig)
     p.set_defaults(handler=_train_qcfs)
+
+
+def _data_parallel(handler):
+    """``handler`` inside ``torchrun``'s process group when launched by it with ``WORLD_SIZE > 1``
+    (:mod:`dormant.distributed`; gloo on the CPU, nccl on CUDA): each rank simulates a share of the images and of
+    every FTBC batch, counts and errors are summed across ranks, rank 0 writes every file and prints; BC and PC
+    are single-process and refused. One process runs ``handler`` as it is."""
+
+    @functools.wraps(handler)
+    def run(ns: argparse.Namespace) -> int:
+        from dormant import distributed
+
+        if distributed.requested_world() <= 1:
+            return handler(ns)
+        run_cfg = config_from_args(RunConfig, ns)
+        asked = set(getattr(ns, "methods", None) or []) | {getattr(ns, "calibrate", None)} \
+            | set(getattr(ns, "ltb_methods", None) or []) | set(getattr(ns, "qcfs_methods", None) or [])
+        if asked & {"bc", "pc"}:
+            raise UsageError(f"--methods {','.join(sorted(asked & {'bc', 'pc'}))}: bias/potential correction runs in "
+                             "one process; under torchrun use none, rts or ftbc")
+        from dormant.snn.simulate import resolve_device
+
+        device = resolve_device(run_cfg.device)
+        with distributed.launched("nccl" if device.type == "cuda" else "gloo", device.index), \
+                contextlib.ExitStack() as quiet:
+            if not distributed.is_main():
+                logging.getLogger().setLevel(logging.ERROR)
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            return handler(ns)
+
+    return run
 
 
 def _configs(ns: argparse.Namespace) -> tuple[RunConfig, ConvertConfig, FTBCConfig]:

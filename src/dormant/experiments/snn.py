@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dormant import distributed
 from dormant.artifacts import ArtifactError
 from dormant.experiments.configs import RunConfig
 from dormant.experiments.ledger import Ledger, config_key
@@ -120,7 +121,8 @@ def _sweep(run, conv, ftbc, T, methods, save_network, corr, report) -> list[dict
     out = Path(run.out)
     # the key covers the configs of the methods run here only, so methods can also live in separate folders
     key_cfg = _key_config(run, conv, ftbc if "ftbc" in methods else None, corr if uses_corr else None)
-    ledger = Ledger(out / "results.jsonl", config_key(key_cfg), key_cfg, what="SNN sweep")
+    ledger = Ledger(out / "results.jsonl", config_key(key_cfg), key_cfg, what="SNN sweep", shared=True)  # torchrun
+    main = distributed.is_main()  # under torchrun every rank computes, rank 0 alone writes
     records = ledger.records
     device = resolve_device(run.device)
     model, spec, calib, held, test = _prepare(run)
@@ -147,7 +149,8 @@ def _sweep(run, conv, ftbc, T, methods, save_network, corr, report) -> list[dict
         start = time.perf_counter()
         snn = convert(model, xc, conv, meta={"model": run.model}, device=device, progress=run.progress)
         snn.meta["threshold_data"] = calib.describe()
-        snn.save(net_path)
+        if main:
+            snn.save(net_path)
         log.info("converted %s in %.1f s (%d neuron layers)", run.model, time.perf_counter() - start, len(snn.neurons))
     snn.engine = run.engine
     if find(kind="costs") is None:
@@ -164,7 +167,8 @@ def _sweep(run, conv, ftbc, T, methods, save_network, corr, report) -> list[dict
             except ArtifactError:
                 snn.reset_calibration_()
                 outcome = spec_m.run(snn, data, horizon, method_cfg.get(method))
-                outcome.save(path)
+                if main:
+                    outcome.save(path)
             served = [t for t in sorted(set(T)) if t <= horizon and (spec_m.causal or t == horizon)]
             selected = {t: outcome.select(t) for t in served}
             if find(kind="calibration", method=method, T=horizon) is None:
@@ -192,8 +196,9 @@ def _sweep(run, conv, ftbc, T, methods, save_network, corr, report) -> list[dict
                 snn.reset_calibration_()
                 outcome.apply_(snn, t_max if spec_m.causal else horizon)
                 snn.meta["calibration"] = {"method": method, "T": horizon}
-                snn.save(out / f"snn_{method}_T{horizon}.safetensors")
-    if report:
+                if main:
+                    snn.save(out / f"snn_{method}_T{horizon}.safetensors")
+    if report and main:
         write_report(out, records, run, conv, ftbc, T, methods)
     return records
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from dormant import distributed
 from dormant.experiments.snn import RunConfig
 from dormant.snn.configs import ConvertConfig, CorrectionConfig, EnergyConfig, FTBCConfig
 
@@ -85,6 +86,8 @@ def run_report(run: RunConfig, conv: ConvertConfig, ftbc: FTBCConfig, corr: Corr
 
         _, qmeta, _ = load_artifact(run.qcfs, CHECKPOINT_KIND, (CHECKPOINT_VERSION,))
         qmeta["path"] = str(run.qcfs)
+    if not distributed.is_main():  # under torchrun rank 0 writes the page
+        return out / "report.md"
     return write_comparison(out, families, used, run.model, sorted(set(T)), energy, qmeta,
                             {"convert": asdict(conv), "ftbc": asdict(ftbc), "correction": asdict(corr)})
 

@@ -13,6 +13,7 @@ applies, the reference elsewhere, e.g. on CUDA); calls that name none use the on
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ import torch
 
 from dormant.kernels import build as _build
 from dormant.kernels import spiking_reference as reference
+from dormant.kernels.build import KernelBuildError
 
 __all__ = ["IMPLS", "SOURCE", "default_impl", "count_nonzero", "if_forward", "if_probe", "library", "resolve", "using"]
 
@@ -29,6 +31,8 @@ SOURCE = _build.CSRC / "spiking.cpp"
 IMPLS = ("auto", "cpu", "reference")
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
+_UNAVAILABLE: str | None = None  # None: not tried yet; "": built; else why it failed
+log = logging.getLogger(__name__)
 _PARALLEL_MIN = 1 << 16  # elements per step below which one thread is faster than waking the others
 _IMPL: ContextVar[str] = ContextVar("dormant_if_impl", default="auto")
 
@@ -75,7 +79,23 @@ def resolve(impl: str | None, x: torch.Tensor) -> str:
     fits = x.device.type == "cpu" and x.dtype == torch.float32
     if impl == "cpu" and not fits:
         raise ValueError(f"IF implementation 'cpu' needs float32 CPU tensors, got {x.dtype} on {x.device}")
+    if impl == "auto" and fits and not _available():
+        return "reference"
     return "cpu" if impl == "cpu" or (impl == "auto" and fits) else "reference"
+
+
+def _available() -> bool:
+    """Whether the kernel builds and loads here; the first failure is logged once and ``auto`` uses the reference."""
+    global _UNAVAILABLE
+    if _UNAVAILABLE is None:
+        try:
+            library()
+            _UNAVAILABLE = ""
+        except KernelBuildError as e:
+            _UNAVAILABLE = str(e)
+            log.warning("the fused IF kernel is unavailable (%s); simulating with the torch reference loop",
+                        _UNAVAILABLE.splitlines()[0])
+    return not _UNAVAILABLE
 
 
 def _threads(elements: int) -> int:

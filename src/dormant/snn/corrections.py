@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dormant import distributed
 from dormant.artifacts import ArtifactError, load_artifact, save_artifact
 from dormant.snn.configs import CorrectionConfig
 from dormant.snn.network import SpikingNetwork
@@ -162,6 +163,8 @@ def calibrate_correction(snn: SpikingNetwork, x: torch.Tensor, T: int, state: st
     correction on return. Each layer's whole T-step trajectory is simulated at once (memory grows with
     ``T * cfg.batch_size``).
     """
+    if distributed.world() > 1:
+        raise ValueError("bias/potential correction runs in one process; under torchrun use ftbc, none or rts")
     cfg = cfg or CorrectionConfig()
     snn.reset_calibration_()
     n_batches = -(-len(x) // cfg.batch_size)

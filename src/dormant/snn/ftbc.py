@@ -21,6 +21,10 @@ Causality. The update of ``b[t]`` only involves steps <= t, so the biases from c
 of those from calibrating at any larger T: one calibration at the largest T serves every T. Snapshots after each
 pass are kept; with a held-out split of the *training* data the snapshot is chosen per T on held-out accuracy after
 step T (never on test data), which is again what a calibration at that T would select.
+
+Data parallel. Under ``torchrun`` (:mod:`dormant.distributed`) each rank takes a contiguous share of every
+calibration batch and of the held-out images; the per-step channel errors are float64 sums and counts summed across
+ranks, so every rank applies the update one process computes for the whole batch.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dormant import distributed
 from dormant.artifacts import ArtifactError, load_artifact, save_artifact
 from dormant.snn.configs import FTBCConfig
 from dormant.snn.network import SpikingNetwork
@@ -174,6 +179,7 @@ def calibrate_ftbc(snn: SpikingNetwork, x: torch.Tensor, T: int, cfg: FTBCConfig
     if cfg.batches is not None:
         n_batches = min(n_batches, cfg.batches)
     batches = [x[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(n_batches)]
+    shares = [distributed.shard(b) for b in batches]  # under torchrun each rank holds a share of every batch
     clip = cfg.target == "clip"
 
     def snapshot() -> dict[str, torch.Tensor]:
@@ -194,8 +200,11 @@ def calibrate_ftbc(snn: SpikingNetwork, x: torch.Tensor, T: int, cfg: FTBCConfig
     stale, seconds = 0, 0.0
     for p in range(cfg.passes):
         start = time.perf_counter()
-        for xb in tqdm(batches, desc=f"FTBC pass {p + 1}/{cfg.passes}", disable=not progress, leave=False):
+        for xb in tqdm(shares, desc=f"FTBC pass {p + 1}/{cfg.passes}", disable=not progress or not distributed.is_main(),
+                       leave=False):
             xb = xb.to(dev)
+            if cfg.implementation == "reforward" and distributed.world() > 1:
+                raise ValueError("implementation='reforward' is single-process; use 'cached' under torchrun")
             if cfg.implementation == "cached":
                 ftbc_batch_cached(snn, xb, T, cfg.alpha, clip, chunk)
             else:
@@ -215,7 +224,8 @@ def calibrate_ftbc(snn: SpikingNetwork, x: torch.Tensor, T: int, cfg: FTBCConfig
             if cfg.patience is not None and stale >= cfg.patience:
                 log.info("FTBC: no held-out improvement for %d passes; stopping", stale)
                 break
-    conf = {**asdict(cfg), "calib_images": sum(len(b) for b in batches), "chunk": chunk}
+    conf = {**asdict(cfg), "calib_images": sum(len(b) for b in batches), "chunk": chunk,
+            **({"world_size": distributed.world()} if distributed.world() > 1 else {})}
     result = FTBCResult(T, snaps, torch.stack(correct) if correct else None,
                         len(holdout[1]) if holdout is not None else 0, seconds, eval_seconds, conf)
     result.apply_(snn, T)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from dormant import distributed
 from dormant.kernels import spiking
 from dormant.snn.energy import SynapticLayer, synaptic_layers
 
@@ -47,6 +48,16 @@ class StepCounts:
         cur[t0 : t0 + tc] += c
         self.counts[name] = cur
         self._t[name] = t0 + tc
+
+    def all_reduce_(self) -> None:
+        """Sum counts and samples over the ranks of a ``torchrun`` group (each simulated a share of the images);
+        nothing in one process. Every rank must have seen the same names and steps."""
+        if distributed.world() <= 1:
+            return
+        for name in sorted(self.counts):
+            distributed.all_reduce_sum_(self.counts[name])
+            n = torch.tensor([float(self.samples[name])], dtype=torch.float64)
+            self.samples[name] = int(distributed.all_reduce_sum_(n).item())
 
 
 class SpikeMonitor(StepCounts):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dormant import distributed
 from dormant.kernels import spiking
 from dormant.snn.qcfs import qcfs
 
@@ -133,8 +134,9 @@ class IFNeuron(nn.Module):
         """Simulate one chunk while updating the FTBC biases of its steps, in place.
 
         At each step ``t`` (sequentially): ``m = v + x[t] + beta[t]`` with the *current* bias; the channel error
-        ``e[c] = mean_{N,S}(theta*s[t] - target)``; ``b_ftbc[t] -= alpha * e``; then the step is taken again with
-        the updated bias, so the returned trajectory is exactly what :meth:`forward` gives with the new biases.
+        ``e[c] = mean_{N,S}(theta*s[t] - target)`` (float64 sums; under ``torchrun`` over every rank's share of the
+        batch, :mod:`dormant.distributed`); ``b_ftbc[t] -= alpha * e``; then the step is taken again with the
+        updated bias, so the returned trajectory is exactly what :meth:`forward` gives with the new biases.
 
         Args:
             x: ``[T_c, N, C, *S]`` input currents of steps ``t0+1..t0+T_c``.
@@ -158,7 +160,12 @@ class IFNeuron(nn.Module):
         for i in range(n):
             t = t0 + i
             beta = (self.step_bias[t] + extra).to(x.dtype)  # the current bias (same sum as beta())
-            err = spiking.if_probe(x[i], beta, self.theta, v, target).mean(dim=dims)
+            diff = spiking.if_probe(x[i], beta, self.theta, v, target)
+            # the channel mean over the batch, as a float64 sum and count summed across torchrun ranks (each holds a
+            # share of the batch), so ranks agree with one process over the whole batch
+            total = torch.cat([diff.double().sum(dim=dims), diff.new_full((1,), diff[:, 0].numel(), dtype=torch.float64)])
+            distributed.all_reduce_sum_(total)
+            err = total[:-1] / total[-1]
             self.step_bias[t] -= alpha * err.to(self.step_bias.dtype)
             beta = (self.step_bias[t] + extra).to(x.dtype)
             out[i] = spiking.if_forward(x[i : i + 1], beta.view(1, -1), self.theta, v)[0]  # forward()'s arithmetic

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dormant import distributed
 from dormant.snn.monitors import SpikeMonitor, monitor_synapses
 from dormant.snn.network import SpikingNetwork
 
@@ -94,10 +95,15 @@ def evaluate_snn(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, T: int, 
         batch_size: images per simulation batch.
         chunk: steps per stateless call (memory bound; results do not depend on it).
         monitor: record firing rates and the input spike rates of conv/linear layers.
+
+    Under ``torchrun`` (:mod:`dormant.distributed`) each rank simulates its contiguous share of the images and the
+    correct counts and monitor counts are summed across ranks (integers: the same result as one process).
     """
     from contextlib import nullcontext
 
     start = time.perf_counter()
+    n_all = len(x)
+    x, y = distributed.shard(x), distributed.shard(y)  # under torchrun: this rank's share of the images
     dev = snn.device
     mon = SpikeMonitor() if monitor else None
     correct = torch.zeros(T, dtype=torch.long)
@@ -109,7 +115,12 @@ def evaluate_snn(snn: SpikingNetwork, x: torch.Tensor, y: torch.Tensor, T: int, 
                 syn.start_batch(len(xb))
             logits = snn.simulate(xb, T, chunk=chunk, observer=mon)
             correct += per_step_correct(logits, y[i : i + batch_size])
+        if monitor:
+            syn.all_reduce_()
+    if mon is not None:
+        mon.all_reduce_()
+    distributed.all_reduce_sum_(correct)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return SNNEvaluation(T, len(x), correct, mon.rates() if mon else {}, time.perf_counter() - start,
+    return SNNEvaluation(T, n_all, correct, mon.rates() if mon else {}, time.perf_counter() - start,
                          syn.rates() if monitor else {})

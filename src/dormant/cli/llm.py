@@ -17,7 +17,7 @@ from pathlib import Path
 from dormant import distributed
 from dormant.cli.checks import check_artifact, check_layer_targets, check_seqlens, model_context, model_facts
 from dormant.config import UsageError, add_config_args, checked, config_from_args, field, in_file, out_file
-from dormant.experiments.configs import GenerateConfig, SweepConfig
+from dormant.experiments.configs import GenerateConfig, LmEvalConfig, SweepConfig
 from dormant.llm.configs import (
     CalibDataConfig,
     CalibrationConfig,
@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="perplexity vs target sparsity per site (resumable)")
     for cls in (ModelConfig, CalibDataConfig, EvalConfig):
         add_config_args(p, cls)
-    add_config_args(p, SweepConfig, skip=("model", "calib", "eval"))
+    add_config_args(p, SweepConfig, skip=("model", "calib", "eval", "lm_eval"))
+    add_config_args(p, LmEvalConfig, prefix="lm-eval-")  # lm-eval scores beside perplexity (dormant.cli.lm_eval)
     p.set_defaults(handler=_data_parallel(_sweep))
 
     p = sub.add_parser("generate", help="greedy decode with the lean C++ engine, dense or with thresholds")
@@ -187,11 +188,15 @@ def _eval(ns: argparse.Namespace) -> int:
 def _sweep(ns: argparse.Namespace) -> int:
     cfg = config_from_args(
         SweepConfig, ns, model=config_from_args(ModelConfig, ns), calib=config_from_args(CalibDataConfig, ns),
-        eval=config_from_args(EvalConfig, ns),
+        eval=config_from_args(EvalConfig, ns), lm_eval=config_from_args(LmEvalConfig, ns, prefix="lm-eval-"),
     )
     check_calibration_text(cfg.calib, cfg.eval)
     check_seqlens(model_context(cfg.model), seqlen=cfg.eval.seqlen, calib_seqlen=cfg.calib.calib_seqlen,
                   sens_seqlen=cfg.sens_seqlen if "sensitivity" in cfg.allocation else None)
+    if cfg.lm_eval.tasks:
+        from dormant.experiments.lm_eval import check_tasks
+
+        check_tasks(cfg.lm_eval, "--lm-eval-tasks")
 
     from dormant.experiments.sparsity import run_sparsity_sweep
 

@@ -24,7 +24,7 @@ from dormant.llm.configs import (
 )
 from dormant.snn.configs import DATASET_NAMES, ZOO_MODELS, device_problem
 
-__all__ = ["SweepConfig", "AnalyzeConfig", "AccountConfig", "PairsConfig", "FitRunConfig", "PredictorEvalConfig",
+__all__ = ["SweepConfig", "LmEvalConfig", "LmEvalRunConfig", "NextSentenceTaskConfig", "AnalyzeConfig", "AccountConfig", "PairsConfig", "FitRunConfig", "PredictorEvalConfig",
            "PredictabilityConfig", "SimulateConfig", "TraceConfig", "StorageCheckConfig", "RunConfig",
            "QCFSTrainConfig", "DemoConfig", "DEMO_STEPS", "DEFAULT_EPS", "DEFAULT_POLICIES"]
 
@@ -64,6 +64,60 @@ def _predicted(value: str) -> str | None:
 
 
 # -- LLM ---------------------------------------------------------------------------------------------------------
+def _task_name(value: str) -> str | None:
+    return None if value.strip() and not any(c.isspace() for c in value) else "is not a task name"
+
+
+@dataclass
+@checked
+class LmEvalConfig:
+    """Which lm-evaluation-harness tasks are scored and how (``dormant lm-eval``; ``dormant sweep --lm-eval-*``)."""
+
+    tasks: list[str] = field(default_factory=list, check=lambda v: next(filter(None, map(_task_name, v)), None),
+                             help="lm-eval task or group names (piqa, arc_easy, hellaswag, winogrande: data from the "
+                                  "Hugging Face hub), or tasks of the include path's YAMLs")
+    include_path: str | None = field(None, help="folder of extra task YAMLs (lm-eval's --include_path)",
+                                     check=in_dir)
+    limit: int | None = field(None, help="score at most this many documents per task (all if unset)", ge=1)
+    num_fewshot: int | None = field(None, help="few-shot examples per prompt (the task's own if unset)", ge=0)
+    batch_size: int = field(1, help="lm-eval requests per forward pass", ge=1)
+
+
+@dataclass
+@checked
+class LmEvalRunConfig:
+    """``dormant lm-eval``: lm-eval tasks on the model as ``dormant eval`` sees it (thresholds applied by hooks)."""
+
+    model: ModelConfig
+    lm_eval: LmEvalConfig
+    thresholds: str | None = field(None, help="Thresholds artifact to apply (dense if unset)", check=in_file)
+    sparse_decode: bool = field(False, help="run 1-token decode steps (generate_until tasks) through the sparse FFN "
+                                            "kernels (dormant.llm.sparse_decode)")
+    out: str | None = field(None, help="write lm-eval's results with dormant's run facts as JSON here",
+                            check=out_file)
+
+    def __post_init__(self):
+        if not self.lm_eval.tasks:
+            raise UsageError("--tasks: name at least one lm-eval task")
+
+
+@dataclass
+@checked
+class NextSentenceTaskConfig:
+    """``dormant lm-eval-task``: a local multiple-choice lm-eval task from a text (true next sentence vs others)."""
+
+    out: str = field("runs/lm_eval_tasks", help="folder for the task's YAML and JSONL (give it to --include-path)",
+                     check=out_dir)
+    data: str = field("wikitext2-test", help="text the items come from: wikitext2-test, wikitext2-valid or a file",
+                      check=_text_or_corpus)
+    items: int = field(500, help="number of items", ge=1)
+    choices: int = field(4, help="choices per item: the true next sentence and choices-1 sentences from elsewhere",
+                         ge=2)
+    context: int = field(2, help="sentences of context before the one to choose", ge=1)
+    seed: int = field(0, help="seed of the item sample and the distractors")
+    name: str = field("wikitext2_next_sentence", help="the task's name (--tasks NAME)", check=_task_name)
+
+
 @dataclass
 @checked
 class SweepConfig:
@@ -91,6 +145,7 @@ class SweepConfig:
     sens_seqlen: int = field(512, help="tokens per sensitivity window", ge=2)
     out: str = field("runs/sweep", help="output folder (results.jsonl, report.md, sweep.png)", check=out_dir)
     progress: bool = field(True, help="show progress bars")
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig, help="lm-eval tasks scored at every point too")
 
     def __post_init__(self):
         if not self.sites and not self.methods:
@@ -103,7 +158,10 @@ class SweepConfig:
             calib["refine"] = self.refine  # keys of sweeps made before refinement existed stay valid
         ev = asdict(self.eval)
         ev.pop("batch_size")
-        return {"model": self.model.model, "dtype": self.model.dtype, "calib": calib, "eval": ev}
+        key = {"model": self.model.model, "dtype": self.model.dtype, "calib": calib, "eval": ev}
+        if self.lm_eval.tasks:  # keys of sweeps without lm-eval scores stay valid
+            key["lm_eval"] = {k: v for k, v in asdict(self.lm_eval).items() if k != "batch_size"}
+        return key
 
     def key(self) -> str:
         return config_key(self.key_config())

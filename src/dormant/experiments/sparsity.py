@@ -75,6 +75,11 @@ def run_sparsity_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         m = meter.summary()
         site_sparsity = sum(m["per_tap"][t.value] for t in taps) / len(taps) if taps else 0.0
         skipped = skipped_linear_bytes(layout, meter.zero(), BYTE_FORMATS)
+        if cfg.lm_eval.tasks:  # the same model, thresholds still enforced (dormant.experiments.lm_eval)
+            from dormant.experiments.lm_eval import evaluate_tasks, scores
+
+            res = evaluate_tasks(model, tokenizer, cfg.lm_eval)
+            extra = {**(extra or {}), "lm_eval": scores(res), "lm_eval_seconds": res["seconds"]}
         rec = ledger.append({**base, "site": site, "allocation": allocation, "target": target, **r.to_dict(),
                              **(extra or {}), "site_sparsity": site_sparsity, "neuron_sparsity": m["neuron"],
                              "per_tap": m["per_tap"], "per_layer": m["per_layer"], "bytes_skipped": skipped,
@@ -221,13 +226,15 @@ def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfi
         return r["site"] if r.get("allocation", "uniform") == "uniform" else f"{r['site']} ({r['allocation']})"
 
     sites = list(dict.fromkeys(label(r) for r in records if r["site"] != "dense" and "method" not in r))
+    tasks = _lm_eval_columns(records)
     rows = []
     if dense:
-        rows.append(["dense", 0.0, dense["ppl"], "", 0.0, dense["neuron_sparsity"]])
+        rows.append(["dense", 0.0, dense["ppl"], "", 0.0, dense["neuron_sparsity"], *_lm_eval_cells(dense, tasks)])
     for site in sites:
         for r in sorted((r for r in records if label(r) == site), key=lambda r: r["target"]):
             delta = f"{100 * (r['ppl'] / dense['ppl'] - 1):+.1f}%" if dense else ""
-            rows.append([site, r["target"], r["ppl"], delta, r["site_sparsity"], r["neuron_sparsity"]])
+            rows.append([site, r["target"], r["ppl"], delta, r["site_sparsity"], r["neuron_sparsity"],
+                         *_lm_eval_cells(r, tasks)])
     first = records[0]
     ev, cal = first["eval"], first["calibration"]
     held_out = "**no** -- calibrated on the evaluation windows (paper protocol)" if cal.get("calib_on_eval") else (
@@ -241,7 +248,8 @@ def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfi
         "sparsity = fraction of FFN intermediate entries (neurons per token) that are zero. `uniform`: one target "
         "for every layer (the paper); `sensitivity`: per-layer targets with the same mean, allocated from "
         "per-layer loss sensitivity measured on calibration text (`dormant.llm.allocate`).\n",
-        markdown_table(["site", "target", "perplexity", "vs dense", "site sparsity", "neuron sparsity"], rows),
+        markdown_table(["site", "target", "perplexity", "vs dense", "site sparsity", "neuron sparsity",
+                        *(f"{t} {m}" for t, m in tasks)], rows),
         "![sweep](sweep.png)\n",
     ]
     if not sites:  # methods only: the site table and its figure would be empty
@@ -268,6 +276,23 @@ def write_sweep_report(out: Path, records: list[dict[str, Any]], cfg: SweepConfi
         a.legend(fontsize=8)
     save_figure(fig, out / "sweep.png")
     return out / "report.md"
+
+
+def _lm_eval_columns(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(task, metric)`` of the lm-eval scores the records carry (``dormant sweep --lm-eval-tasks``)."""
+    from dormant.experiments.lm_eval import main_score
+
+    cols: dict[tuple[str, str], None] = {}
+    for r in records:
+        for task, metrics in r.get("lm_eval", {}).items():
+            best = main_score(metrics)
+            if best is not None:
+                cols[(task, best[0])] = None
+    return list(cols)
+
+
+def _lm_eval_cells(r: dict[str, Any], columns: list[tuple[str, str]]) -> list[Any]:
+    return [r.get("lm_eval", {}).get(task, {}).get(metric, "") for task, metric in columns]
 
 
 def interpolate_at(points: list[tuple[float, float]], x: float) -> float | None:

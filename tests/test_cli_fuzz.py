@@ -144,7 +144,9 @@ def test_cli_fuzz_never_tracebacks_and_refuses_fast(command, sentinel, capsys, m
             return
         assert rc == 2, (argv, rc, err)
         assert len(err.splitlines()) == 1, (argv, err)
-        assert seconds < 1.0, (argv, seconds)
+        # refused before any work: loading the smallest model or dataset takes several seconds; the bound leaves room
+        # for a loaded 2-core machine after the heavy imports of earlier tests (1 s flaked there)
+        assert seconds < 3.0, (argv, seconds)
 
     check()
 

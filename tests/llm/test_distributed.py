@@ -7,16 +7,15 @@ identical and perplexity equal to one process over the same windows.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
-import torch.multiprocessing as mp
 
 from dormant.llm.calibration import CalibrationConfig, calibrate
 from dormant.llm.evaluate import perplexity
 from dormant.llm.sparsify import measure_sparsity, sparsified
+from tests.gloo import on_ranks
 from tests.llm.tiny import VOCAB, tiny_model
 
 # (site, score, allocation, refine): the one streaming pass, its refinement, and every allocation with probes.
@@ -45,29 +44,8 @@ def _run() -> dict:
     return out
 
 
-def _rank(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    from dormant import distributed
-
-    with distributed.launched("gloo") as w:
-        assert w == world and distributed.rank() == rank
-        out = _run()
-        if distributed.is_main():
-            torch.save(out, path)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    path = str(tmp_path / "two.pt")
-    mp.spawn(_rank, args=(2, _free_port(), path), nprocs=2)
-    two = torch.load(path, weights_only=False)
+    two = on_ranks(_run, tmp_path)
     one = _run()
     for name, a in one.items():
         b = two[name]

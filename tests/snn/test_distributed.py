@@ -4,15 +4,13 @@ Each rank simulates a share of the images (correct counts and monitor counts sum
 batch (per-step channel errors as float64 sums and counts summed), so biases and accuracies equal one process's.
 """
 
-import os
-import socket
 
 import torch
-import torch.multiprocessing as mp
 
 from dormant.snn.conversion import ConvertConfig, convert
 from dormant.snn.ftbc import FTBCConfig, calibrate_ftbc
 from dormant.snn.simulate import evaluate_snn
+from tests.gloo import on_ranks
 
 from .tiny import synthetic, trained
 
@@ -29,27 +27,8 @@ def _run() -> dict:
             "rates": ev.rates, "synaptic": ev.synaptic_rates, "config": res.config}
 
 
-def _rank(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    from dormant import distributed
-
-    with distributed.launched("gloo"):
-        out = _run()
-        if distributed.is_main():
-            torch.save(out, path)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_calibrate_and_evaluate_like_one_process(tmp_path):
-    path = str(tmp_path / "two.pt")
-    mp.spawn(_rank, args=(2, _free_port(), path), nprocs=2)
-    two, one = torch.load(path, weights_only=False), _run()
+    two, one = on_ranks(_run, tmp_path), _run()
     for a, b in zip(one["snapshots"], two["snapshots"]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # FTBC biases identical
     assert any(bool(v.any()) for v in one["snapshots"][-1].values())

@@ -55,8 +55,8 @@ SpikeObserver = Callable[[str, torch.Tensor], None]
 _PER_SAMPLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
                nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
-# simulation engines: "fast" (fused IF kernel, the analog input's layers once per sample, images in
-# micro-batches by evaluate_snn) and "reference" (every layer at every step, the step-by-step IF loop); same outputs
+# simulation engines: "fast" (fused IF kernel, the analog input's layers once per sample, cache-sized step chunks)
+# and "reference" (every layer at every step, the step-by-step IF loop); the same outputs
 ENGINES = ("fast", "reference")
 
 
